@@ -1,0 +1,197 @@
+"""Training objectives: flow matching / denoising, energy-weighted (EFM), grouped, and QGPO's CEP.
+
+Every objective is a callable ``objective(net, batch) -> LossOutput``.  A batch is a dict:
+
+* ``"x1"``: ``[B, ...]`` data (required);
+* ``"cond"``: conditioning, first dimension ``B`` (optional);
+* ``"energy"``: ``[B]`` pre-computed energies (optional; otherwise the objective's ``energy`` is
+  called on ``x1`` — energies depend on data only, never on x_t);
+* ``"x0"``, ``"t"``: pre-drawn noise ``[B, ...]`` and times ``[B]`` (optional; the trainer draws them
+  for the global batch so that data-parallel and single-process runs see the same numbers).
+
+Per-sample losses are squared errors averaged over the non-batch dimensions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .energies import Energy
+from .paths import CondOTPath, Path, Prediction, VPPath
+from .weights import energy_weights
+
+__all__ = [
+    "LossOutput",
+    "FlowMatchingLoss",
+    "EnergyWeightedLoss",
+    "ContrastiveEnergyLoss",
+    "energy_weighted_flow_matching",
+    "energy_weighted_diffusion",
+    "draw_noise_and_time",
+]
+
+
+@dataclass
+class LossOutput:
+    """A scalar ``loss`` to minimise, the ``[B]`` per-sample losses, the weights used (or ``None``)
+    and float ``metrics`` for logging (keys without namespace, e.g. ``"loss"``, ``"ess"``)."""
+
+    loss: Tensor
+    per_sample: Tensor
+    weights: Optional[Tensor] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
+                        group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Noise ``x0 ~ N(0, I)`` like ``x1`` and times ``t ~ U[t_min, t_max]`` (one per group if given)."""
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    n = x1.shape[0] if group_size is None else x1.shape[0] // group_size
+    t = path.sample_time(n, generator=generator, device=x1.device, dtype=x1.dtype)
+    if group_size is not None:
+        t = t.repeat_interleave(group_size)
+    return x0, t
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class FlowMatchingLoss:
+    """Plain flow matching (OT path) or denoising (VP path, ε target): ``mean_i ℓ_i``.
+
+    Args:
+        path: the probability path.
+        prediction: what the network predicts (``"velocity"``, ``"epsilon"``, ``"x1"``, ``"score"``);
+            defaults to ``path.default_prediction`` (velocity for OT, ε for VP).
+    """
+
+    def __init__(self, path: Path, prediction: Optional[Prediction] = None):
+        self.path = path
+        self.prediction: Prediction = prediction or path.default_prediction
+
+    group_size: Optional[int] = None
+
+    def prepare(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+        """Return ``batch`` with noise ``"x0"`` and times ``"t"`` drawn for it (one t per group when
+        grouped).  The trainer calls this on the *global* batch before splitting it across ranks."""
+        if "x0" in batch and "t" in batch:
+            return batch
+        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, self.group_size)
+        return {**batch, "x0": x0, "t": t}
+
+    def per_sample(self, net: Callable[..., Tensor], batch: dict[str, Any],
+                   generator: Optional[torch.Generator] = None, group_size: Optional[int] = None) -> Tensor:
+        """``[B]`` squared errors of the network against the path's conditional target."""
+        x1 = batch["x1"]
+        if "x0" in batch and "t" in batch:
+            x0, t = batch["x0"], batch["t"]
+        else:
+            x0, t = draw_noise_and_time(self.path, x1, generator, group_size)
+        sample = self.path.sample(x0, x1, t)
+        target = self.path.target(sample, self.prediction)
+        pred = net(sample.xt, t, batch.get("cond"))
+        return (pred - target).square().reshape(x1.shape[0], -1).mean(1)
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
+                 generator: Optional[torch.Generator] = None) -> LossOutput:
+        per = self.per_sample(net, batch, generator)
+        loss = per.mean()
+        return LossOutput(loss=loss, per_sample=per, metrics={"loss": float(loss.detach())})
+
+
+class EnergyWeightedLoss(FlowMatchingLoss):
+    """Energy-weighted flow matching / diffusion: ``L = Σ_i w_i ℓ_i`` with ``w = softmax(−β E(x1))``.
+
+    The minimiser transports noise to q ∝ p·exp(−βE) exactly (Zhang, Zhang & Gu, ICLR 2025).
+
+    Args:
+        path: the probability path (OT → EFM, VP → energy-weighted diffusion).
+        beta: inverse temperature β ≥ 0; β = 0 is plain flow matching.
+        energy: an :class:`~energyflow.energies.Energy` of the data, called on ``batch["x1"]`` when
+            the batch carries no ``"energy"``; may be a black box (no gradient is taken).
+        prediction: the network's parameterisation (default: the path's).
+        group_size: ``M`` for grouped weights: the batch holds ``G`` consecutive groups of ``M``
+            samples (e.g. the M support actions of one state) and the softmax runs within each
+            group; ``L = (1/G) Σ_g Σ_j w_gj ℓ_gj``.  ``None``: one softmax over the whole batch.
+        nonfinite: ``"raise"`` (default) or ``"mask"`` non-finite energies (weight 0).
+
+    Metrics: ``loss``, ``ess`` (effective sample size, per group when grouped) and ``ess_fraction``.
+    Under data-parallel training, whole-batch weights are normalised over the global batch.
+    """
+
+    def __init__(self, path: Path, beta: float, energy: Optional[Energy] = None,
+                 prediction: Optional[Prediction] = None, group_size: Optional[int] = None,
+                 nonfinite: str = "raise"):
+        super().__init__(path, prediction)
+        self.beta, self.energy, self.group_size, self.nonfinite = float(beta), energy, group_size, nonfinite
+
+    def energies(self, batch: dict[str, Any]) -> Tensor:
+        if "energy" in batch:
+            return batch["energy"]
+        if self.energy is None:
+            raise ValueError("EnergyWeightedLoss needs an `energy` or batches with an 'energy' entry")
+        with torch.no_grad():
+            return self.energy(batch["x1"], batch.get("cond"))
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
+                 generator: Optional[torch.Generator] = None) -> LossOutput:
+        w = energy_weights(self.energies(batch), self.beta, self.group_size, self.nonfinite, global_batch=True)
+        per = self.per_sample(net, batch, generator, self.group_size)
+        weighted = w.weights.to(per.dtype) * per
+        if self.group_size is None:
+            # Σ_i w_i ℓ_i over the (global) batch; data-parallel averaging divides by the world size.
+            loss = weighted.sum() * _world_size()
+        else:
+            loss = weighted.sum() / w.num_groups
+        metrics = {"loss": float(loss.detach()), "ess": float(w.ess), "ess_fraction": float(w.ess_fraction)}
+        return LossOutput(loss=loss, per_sample=per, weights=w.weights, metrics=metrics)
+
+
+def energy_weighted_flow_matching(beta: float, energy: Optional[Energy] = None, **kwargs) -> EnergyWeightedLoss:
+    """EFM on the conditional-OT path (velocity target)."""
+    return EnergyWeightedLoss(CondOTPath(), beta, energy, **kwargs)
+
+
+def energy_weighted_diffusion(beta: float, energy: Optional[Energy] = None, schedule: str = "linear",
+                              **kwargs) -> EnergyWeightedLoss:
+    """Energy-weighted denoising on the VP path (ε target)."""
+    return EnergyWeightedLoss(VPPath(schedule=schedule), beta, energy, prediction="epsilon", **kwargs)
+
+
+class ContrastiveEnergyLoss:
+    """QGPO's contrastive energy prediction (CEP) for a time-dependent energy ``f(x_t, t, cond) -> [B]``.
+
+    The batch holds ``G`` groups of ``M`` samples (``x1`` of one group share the condition); all
+    members of a group are noised to the same ``t``.  With targets ``w = softmax_j(−β E(x1_j))``,
+
+        L = −(1/G) Σ_g Σ_j w_gj · log softmax_j f(x_t,gj, t_g),
+
+    whose optimum is f = log E[exp(−β E(x1)) | x_t] + const: its gradient is the exact guidance
+    term ∇ log q_t − ∇ log p_t.  Used as the gradient-guidance baseline EFM replaces.
+    """
+
+    def __init__(self, path: Path, beta: float, group_size: int, energy: Optional[Energy] = None):
+        self.path, self.beta, self.group_size, self.energy = path, float(beta), int(group_size), energy
+
+    prepare = FlowMatchingLoss.prepare
+
+    def __call__(self, energy_net: Callable[..., Tensor], batch: dict[str, Any],
+                 generator: Optional[torch.Generator] = None) -> LossOutput:
+        x1, m = batch["x1"], self.group_size
+        energies = batch["energy"] if "energy" in batch else self.energy(x1, batch.get("cond"))
+        w = energy_weights(energies.detach(), self.beta, m).weights.view(-1, m)
+        if "x0" in batch and "t" in batch:
+            x0, t = batch["x0"], batch["t"]
+        else:
+            x0, t = draw_noise_and_time(self.path, x1, generator, m)
+        xt = self.path.sample(x0, x1, t).xt
+        logits = energy_net(xt, t, batch.get("cond")).view(-1, m)
+        per_group = -(w * torch.log_softmax(logits, dim=1)).sum(1)
+        loss = per_group.mean()
+        return LossOutput(loss=loss, per_sample=per_group.repeat_interleave(m), weights=w.reshape(-1),
+                          metrics={"loss": float(loss.detach())})

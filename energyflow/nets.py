@@ -1,0 +1,90 @@
+"""Small networks with the energyflow signature ``net(x, t, cond)``.
+
+``x: [B, dim]``, ``t: [B]`` in [0, 1] (t = 0 noise, t = 1 data), ``cond: [B, cond_dim]`` or ``None``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet"]
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t (scaled by ``max_period``-style frequencies) followed by an MLP."""
+
+    def __init__(self, dim: int = 64, scale: float = 1000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError("time embedding dim must be even")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.scale = scale
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        args = (t.to(self.freqs.dtype) * self.scale)[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([args.sin(), args.cos()], dim=-1).to(t.dtype))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, hidden: int, emb: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: Tensor, e: Tensor) -> Tensor:
+        z = self.fc1(nn.functional.silu(self.norm(h))) + self.emb(e)
+        return h + self.fc2(nn.functional.silu(z))
+
+
+class MLPField(nn.Module):
+    """Residual MLP ``net(x, t, cond) -> [B, out_dim]`` (``out_dim`` defaults to ``dim``).
+
+    Args:
+        dim: data dimension.
+        hidden: width of the residual blocks.
+        depth: number of residual blocks.
+        cond_dim: dimension of the conditioning vector (0 = unconditional).
+        time_dim: size of the time embedding.
+        out_dim: output size (``dim`` for a vector field, 1 for a scalar energy head).
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, cond_dim: int = 0,
+                 time_dim: int = 64, out_dim: Optional[int] = None):
+        super().__init__()
+        self.dim, self.cond_dim = dim, cond_dim
+        self.time = TimeEmbedding(time_dim)
+        emb = time_dim + (time_dim if cond_dim else 0)
+        self.cond = nn.Sequential(nn.Linear(cond_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)) if cond_dim else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(_ResidualBlock(hidden, emb) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim or dim))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        e = self.time(t)
+        if self.cond is not None:
+            if cond is None:
+                raise ValueError("this network is conditional (cond_dim > 0) but cond is None")
+            e = torch.cat([e, self.cond(cond)], dim=-1)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, e)
+        return self.out(h)
+
+
+class MLPEnergyNet(nn.Module):
+    """A time-dependent scalar network ``f(x, t, cond) -> [B]`` (QGPO's intermediate energy)."""
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, cond_dim: int = 0, time_dim: int = 64):
+        super().__init__()
+        self.body = MLPField(dim, hidden, depth, cond_dim, time_dim, out_dim=1)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return self.body(x, t, cond).squeeze(-1)

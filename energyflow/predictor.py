@@ -1,0 +1,63 @@
+"""A network bound to a path: query any parameterisation of a trained model.
+
+A network has the one signature used throughout energyflow, ``net(x, t, cond) -> Tensor`` with
+``x: [B, ...]``, ``t: [B]`` (t = 0 noise, t = 1 data) and ``cond`` anything whose first dimension
+is ``B`` (or ``None``).  It predicts one quantity (``"velocity"``, ``"epsilon"``, ``"x1"`` or
+``"score"``); :class:`Predictor` converts it through the path to whatever a sampler needs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .paths import PREDICTIONS, Path, Prediction
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """``net`` + ``path`` + what ``net`` predicts.
+
+    Args:
+        net: ``net(x, t, cond) -> Tensor`` shaped like ``x``.
+        path: the path the net was trained on.
+        prediction: what ``net`` outputs; defaults to ``path.default_prediction``.
+
+    Samplers call :meth:`predict` with ``t`` of shape ``[B]``; subclasses (guidance) override
+    :meth:`predict_x1_epsilon` to modify the prediction.
+    """
+
+    def __init__(self, net: Callable[..., Tensor], path: Path, prediction: Optional[Prediction] = None):
+        self.net = net
+        self.path = path
+        self.prediction: Prediction = prediction or path.default_prediction
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}")
+
+    def raw(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """The network's own output at ``(x, t)``."""
+        return self.net(x, t, cond)
+
+    def predict(self, x: Tensor, t: Tensor, cond: Any = None, kind: Prediction = "velocity") -> Tensor:
+        """The model's prediction of ``kind`` at ``(x, t)``."""
+        return self.path.convert(self.raw(x, t, cond), x, t, self.prediction, kind)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.predict(x, t, cond, "velocity")
+
+    def epsilon(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.predict(x, t, cond, "epsilon")
+
+    def x1(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.predict(x, t, cond, "x1")
+
+    def score(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.predict(x, t, cond, "score")
+
+
+def as_batch_time(t: float | Tensor, batch: int, like: Tensor) -> Tensor:
+    """A scalar or ``[B]`` time as a ``[B]`` tensor on ``like``'s device and dtype."""
+    t = torch.as_tensor(t, device=like.device, dtype=like.dtype)
+    return t.expand(batch) if t.dim() == 0 else t
