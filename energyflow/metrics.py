@@ -197,16 +197,16 @@ def mmd_rbf(
 def _quantiles_of_sorted(sorted_vals: Tensor, levels: Tensor) -> Tensor:
     """Linear interpolation of the empirical quantile function.
 
-    ``sorted_vals`` is ``[n, P]`` (sorted along dim 0); the ``k``-th order statistic sits at
-    level ``(k + 0.5) / n``.  Returns ``[L, P]`` for ``levels`` ``[L]`` in ``(0, 1)``; levels
+    ``sorted_vals`` is ``[P, n]`` (sorted along the last dim); the ``k``-th order statistic sits
+    at level ``(k + 0.5) / n``.  Returns ``[P, L]`` for ``levels`` ``[L]`` in ``(0, 1)``; levels
     below ``0.5/n`` or above ``1 − 0.5/n`` take the extreme values.
     """
-    n = sorted_vals.shape[0]
+    n = sorted_vals.shape[-1]
     pos = (levels * n - 0.5).clamp(0.0, n - 1.0)
     lo = pos.floor().long()
     hi = (lo + 1).clamp(max=n - 1)
-    frac = (pos - lo.to(pos.dtype))[:, None]
-    return sorted_vals[lo] * (1.0 - frac) + sorted_vals[hi] * frac
+    frac = pos - lo.to(pos.dtype)
+    return torch.lerp(sorted_vals[:, lo], sorted_vals[:, hi], frac)
 
 
 def sliced_wasserstein(
@@ -248,13 +248,14 @@ def sliced_wasserstein(
     gen_device = generator.device if generator is not None else x.device
     theta = torch.randn(num_projections, d, generator=generator, device=gen_device, dtype=torch.float64)
     theta = (theta / theta.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(x.device)
-    px = torch.sort(x @ theta.T, dim=0).values  # [N, P]
-    py = torch.sort(y @ theta.T, dim=0).values  # [M, P]
-    n_levels = max(px.shape[0], py.shape[0])
-    levels = (torch.arange(n_levels, dtype=torch.float64, device=x.device) + 0.5) / n_levels
-    qx = _quantiles_of_sorted(px, levels)
-    qy = _quantiles_of_sorted(py, levels)
-    wpp = (qx - qy).abs().pow(p).mean(dim=0)  # [P]: W_p^p per direction
+    px = torch.sort(theta @ x.T, dim=1).values  # [P, N]
+    py = torch.sort(theta @ y.T, dim=1).values  # [P, M]
+    n, m = px.shape[1], py.shape[1]
+    if n != m:
+        levels = (torch.arange(max(n, m), dtype=torch.float64, device=x.device) + 0.5) / max(n, m)
+        px = px if n == len(levels) else _quantiles_of_sorted(px, levels)
+        py = py if m == len(levels) else _quantiles_of_sorted(py, levels)
+    wpp = (px - py).abs().pow(p).mean(dim=1)  # [P]: W_p^p per direction
     return float(wpp.mean().pow(1.0 / p))
 
 

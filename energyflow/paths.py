@@ -236,6 +236,7 @@ class VPPath(Path):
 
     def coefficients(self, t: Tensor) -> Coefficients:
         log_alpha, rate = self._log_alpha_and_rate(t)
+        log_alpha = log_alpha.clamp_max(0.0)  # rounding gives log α = +1e-20 at t = 1 (cosine): σ would be NaN
         alpha = log_alpha.exp()
         sigma = torch.sqrt(-torch.expm1(2.0 * log_alpha))
         d_alpha = alpha * rate

@@ -8,6 +8,7 @@ the sampler itself stays stateless.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -57,6 +58,8 @@ class DiffusersSampler(Sampler):
         betas = (1.0 - abar / prev).clamp(1e-8, 0.999)
         cls = getattr(diffusers, self.scheduler_name)
         kwargs = dict(num_train_timesteps=n, trained_betas=betas.tolist(), prediction_type="epsilon")
+        if "clip_sample" in inspect.signature(cls.__init__).parameters:
+            kwargs["clip_sample"] = False  # DDIM/DDPM default to clipping x̂1 to [-1, 1] (an image convention)
         kwargs.update(self.scheduler_kwargs)
         return cls(**kwargs), t_k
 
@@ -68,6 +71,8 @@ class DiffusersSampler(Sampler):
         scheduler, t_k = self.build_scheduler(path)
         scheduler.set_timesteps(self.steps, device=x0.device)
         field = CountingField(predictor, cond, kind="epsilon")
+        # Only stochastic schedulers (DDPM, DPM-Solver SDE…) take a generator; UniPC's step() rejects it.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = x0 * scheduler.init_noise_sigma
         traj, times = ([x], []) if return_trajectory else (None, None)
         with torch.no_grad():
@@ -76,7 +81,7 @@ class DiffusersSampler(Sampler):
                 if times is not None:
                     times.append(t)
                 eps = field(torch.tensor(t, device=x.device, dtype=x.dtype), scheduler.scale_model_input(x, k))
-                x = scheduler.step(eps, k, x, generator=generator).prev_sample
+                x = scheduler.step(eps, k, x, **step_kwargs).prev_sample
                 if traj is not None:
                     traj.append(x)
         if times is not None:
