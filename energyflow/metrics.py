@@ -222,7 +222,8 @@ def sliced_wasserstein(
     Gaussians from ``generator``); both clouds are projected and sorted, and the 1-D Wasserstein
     distance is the mean ``|F_x^{-1}(u) − F_y^{-1}(u)|^p`` over quantile levels.  When ``N ≠ M``
     both empirical quantile functions are linearly interpolated at the ``max(N, M)`` levels
-    ``(k + 0.5) / max(N, M)``; when ``N = M`` this is exactly the sorted-matching formula.
+    ``(k + 0.5) / max(N, M)`` (a close approximation of the exact 1-D distance between the two
+    empirical measures); when ``N = M`` this is exactly the sorted-matching formula.
 
     In 1-D there is a single direction (up to sign), so the value is the 1-D ``W_p`` itself, e.g.
     ``|m|`` for ``N(0, 1)`` against ``N(m, 1)``.  In ``d`` dimensions a pure shift ``m`` gives

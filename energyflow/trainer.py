@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -226,8 +227,8 @@ class Trainer:
         local = self._local_slice(batch)
         self.train_model.train()
         out = self.objective(self.train_model, local)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {self.step}; metrics {out.metrics}")
+        if not torch.isfinite(out.loss.detach()):
+            raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step}; metrics {out.metrics}")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         metrics = dict(out.metrics)
@@ -260,7 +261,7 @@ class Trainer:
         if self.out_dir and self.dist.is_main:
             self.logger = MetricLogger(self.out_dir, tensorboard=c.tensorboard)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.dist.is_main),
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         sums: dict[str, float] = {}
         count, last, start = 0, {}, time.perf_counter()
         previous_handler = _install_sigterm_handler()

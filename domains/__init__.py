@@ -1,0 +1,1 @@
+"""Domain packages built on energyflow; each imports its heavy stack lazily."""
