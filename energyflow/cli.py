@@ -139,6 +139,7 @@ def _scatter(x, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4))
+    x = x.detach().cpu().numpy()
     ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
     ax.set_aspect("equal")
     ax.set_title(title)
@@ -205,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except RecipeError as err:
+    except (RecipeError, FileNotFoundError, ValueError) as err:
+        # user-facing input errors (bad recipe, unknown model, missing run): one clear line, no traceback
         print(f"energyflow: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ def plot_toy_grid(rows: Sequence[tuple[float, Any, Tensor, dict[str, Tensor]]], 
     import matplotlib.pyplot as plt
 
     methods = list(rows[0][3])
+    data = data.detach().cpu().numpy()
     ncols = 2 + len(methods)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.3 * ncols, 2.3 * len(rows)), squeeze=False)
     lim = (-extent, extent)
@@ -31,11 +32,11 @@ def plot_toy_grid(rows: Sequence[tuple[float, Any, Tensor, dict[str, Tensor]]], 
         ax.set_title("data p" if r == 0 else "")
         ax.set_ylabel(f"β = {beta:g}")
         grid = target.density_grid(extent=extent, resolution=160)
-        axes[r][1].imshow(grid.density, origin="lower",
+        axes[r][1].imshow(grid.density.numpy(), origin="lower",
                           extent=(-extent, extent, -extent, extent), cmap="magma")
         axes[r][1].set_title("exact q ∝ p·exp(−βE)" if r == 0 else "")
         for c, m in enumerate(methods):
-            x = samples[m]
+            x = samples[m].detach().cpu().numpy()
             ax = axes[r][2 + c]
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4, color="C0" if m.startswith("efm") else "C3")
             ax.set_title(_TITLES.get(m, m) if r == 0 else "", fontsize=9)
