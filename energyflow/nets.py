@@ -40,6 +40,7 @@ class _ResidualBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
 
     def forward(self, h: Tensor, e: Tensor) -> Tensor:
+        # e is [B, emb] or [1, emb] (shared by the batch): the projection broadcasts.
         z = self.fc1(nn.functional.silu(self.norm(h))) + self.emb(e)
         return h + self.fc2(nn.functional.silu(z))
 
@@ -68,7 +69,11 @@ class MLPField(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim or dim))
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        e = self.time(t)
+        if self.cond is None and t.shape[0] > 1 and bool((t == t[:1]).all()):
+            # One time for the whole batch (samplers): embed it once and broadcast.
+            e = self.time(t[:1])
+        else:
+            e = self.time(t)
         if self.cond is not None:
             if cond is None:
                 raise ValueError("this network is conditional (cond_dim > 0) but cond is None")
