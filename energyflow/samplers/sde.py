@@ -13,7 +13,36 @@ from .base import CountingField, SampleResult, Sampler, finish
 __all__ = ["EulerMaruyamaSampler", "AncestralSampler"]
 
 
-class EulerMaruyamaSampler(Sampler):
+class _StochasticGridSampler(Sampler):
+    """Shared loop of the stochastic samplers: ``steps`` uniform steps, one network call each,
+    fresh noise on every step but the last, then x̂1 if ``t_max < 1``."""
+
+    steps: int
+
+    def _mean_and_std(self, predictor: Predictor, x: Tensor, t: Tensor, t_next: Tensor,
+                      cond: Any) -> tuple[Tensor, Tensor]:
+        """The step's Gaussian transition: its mean ``[B, ...]`` and std (broadcastable)."""
+        raise NotImplementedError
+
+    def sample(self, predictor: Predictor, x0: Tensor, cond: Any = None, return_trajectory: bool = False,
+               generator: Optional[torch.Generator] = None) -> SampleResult:
+        grid = predictor.path.time_grid(self.steps, device=x0.device, dtype=x0.dtype)
+        field = CountingField(predictor, cond)
+        x, traj = x0, [x0] if return_trajectory else None
+        with torch.no_grad():
+            for i in range(self.steps):
+                field.nfe += 1
+                x, std = self._mean_and_std(predictor, x, grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0]), cond)
+                if i < self.steps - 1:
+                    x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if traj is not None:
+                    traj.append(x)
+            out = finish(predictor, x, float(grid[-1]), cond, field)
+        return SampleResult(x=out, nfe=field.nfe, times=grid if return_trajectory else None,
+                            trajectory=torch.stack(traj) if traj is not None else None)
+
+
+class EulerMaruyamaSampler(_StochasticGridSampler):
     """Euler–Maruyama on the reverse SDE  dx = [v + ½ g(t)² ∇log p_t(x)] dt + g(t) dW.
 
     For every g this SDE has the same marginals as the probability-flow ODE; ``diffusion=None``
@@ -36,34 +65,18 @@ class EulerMaruyamaSampler(Sampler):
             return self.diffusion(t)
         return float(self.diffusion) * predictor.path.coefficients(t).sigma
 
-    def sample(self, predictor: Predictor, x0: Tensor, cond: Any = None, return_trajectory: bool = False,
-               generator: Optional[torch.Generator] = None) -> SampleResult:
-        path = predictor.path
-        grid = path.time_grid(self.steps, device=x0.device, dtype=x0.dtype)
-        field = CountingField(predictor, cond)
-        x, traj = x0, [x0] if return_trajectory else None
-        with torch.no_grad():
-            for i in range(self.steps):
-                t = grid[i].expand(x.shape[0])
-                h = grid[i + 1] - grid[i]
-                field.nfe += 1
-                v = predictor.predict(x, t, cond, "velocity")
-                score = path.convert(v, x, t, "velocity", "score")
-                g = _bc(self._g(predictor, t), x)
-                x = x + h * (v + 0.5 * g * g * score)
-                if i < self.steps - 1:
-                    x = x + g * h.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                if traj is not None:
-                    traj.append(x)
-            out = finish(predictor, x, float(grid[-1]), cond, field)
-        return SampleResult(x=out, nfe=field.nfe, times=grid if return_trajectory else None,
-                            trajectory=torch.stack(traj) if traj is not None else None)
+    def _mean_and_std(self, predictor, x, t, t_next, cond):
+        h = t_next[0] - t[0]
+        v = predictor.predict(x, t, cond, "velocity")
+        score = predictor.path.convert(v, x, t, "velocity", "score")
+        g = _bc(self._g(predictor, t), x)
+        return x + h * (v + 0.5 * g * g * score), g * h.sqrt()
 
     def __repr__(self) -> str:
         return f"EulerMaruyamaSampler(steps={self.steps}, diffusion={self.diffusion!r})"
 
 
-class AncestralSampler(Sampler):
+class AncestralSampler(_StochasticGridSampler):
     """Ancestral sampling with the Gaussian posterior q(x_t' | x_t, x̂1) of the path (DDPM for VP).
 
     For t < t' (t' closer to data): with α_{t|t'} = α_t/α_t' and σ²_{t|t'} = σ_t² − α²_{t|t'} σ_t'²,
@@ -74,30 +87,13 @@ class AncestralSampler(Sampler):
     def __init__(self, steps: int = 100):
         self.steps = int(steps)
 
-    def sample(self, predictor: Predictor, x0: Tensor, cond: Any = None, return_trajectory: bool = False,
-               generator: Optional[torch.Generator] = None) -> SampleResult:
-        path = predictor.path
-        grid = path.time_grid(self.steps, device=x0.device, dtype=x0.dtype)
-        field = CountingField(predictor, cond)
-        x, traj = x0, [x0] if return_trajectory else None
-        with torch.no_grad():
-            for i in range(self.steps):
-                t, tn = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
-                field.nfe += 1
-                x1_hat = predictor.predict(x, t, cond, "x1")
-                c, cn = path.coefficients(t[:1]), path.coefficients(tn[:1])
-                a_ts = c.alpha / cn.alpha
-                var_ts = c.sigma ** 2 - a_ts ** 2 * cn.sigma ** 2
-                mean = (a_ts * cn.sigma ** 2 / c.sigma ** 2) * x + (cn.alpha * var_ts / c.sigma ** 2) * x1_hat
-                std = (var_ts.clamp_min(0) * cn.sigma ** 2 / c.sigma ** 2).sqrt()
-                x = mean
-                if i < self.steps - 1:
-                    x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                if traj is not None:
-                    traj.append(x)
-            out = finish(predictor, x, float(grid[-1]), cond, field)
-        return SampleResult(x=out, nfe=field.nfe, times=grid if return_trajectory else None,
-                            trajectory=torch.stack(traj) if traj is not None else None)
+    def _mean_and_std(self, predictor, x, t, t_next, cond):
+        x1_hat = predictor.predict(x, t, cond, "x1")
+        c, cn = predictor.path.coefficients(t[:1]), predictor.path.coefficients(t_next[:1])
+        a_ts = c.alpha / cn.alpha
+        var_ts = c.sigma ** 2 - a_ts ** 2 * cn.sigma ** 2
+        mean = (a_ts * cn.sigma ** 2 / c.sigma ** 2) * x + (cn.alpha * var_ts / c.sigma ** 2) * x1_hat
+        return mean, (var_ts.clamp_min(0) * cn.sigma ** 2 / c.sigma ** 2).sqrt()
 
     def __repr__(self) -> str:
         return f"AncestralSampler(steps={self.steps})"
