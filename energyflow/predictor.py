@@ -24,15 +24,22 @@ class Predictor:
         net: ``net(x, t, cond) -> Tensor`` shaped like ``x``.
         path: the path the net was trained on.
         prediction: what ``net`` outputs; defaults to ``path.default_prediction``.
+        x1_clip: if set, clamp the clean-data prediction x̂1 to ``[-x1_clip, x1_clip]`` (elementwise)
+            and re-derive ε̂ from it before converting, like DDPM's clipped denoising.  On the VP
+            path α_t is tiny near t = 0 (0.0066 for the linear schedule), so a small ε̂ error on
+            rarely-trained noise becomes a huge x̂1 error; a bound on the data range removes those
+            outliers.  ``None`` (default): no clipping.
 
     Samplers call :meth:`predict` with ``t`` of shape ``[B]``; subclasses (guidance) override
     :meth:`predict_x1_epsilon` to modify the prediction.
     """
 
-    def __init__(self, net: Callable[..., Tensor], path: Path, prediction: Optional[Prediction] = None):
+    def __init__(self, net: Callable[..., Tensor], path: Path, prediction: Optional[Prediction] = None,
+                 x1_clip: Optional[float] = None):
         self.net = net
         self.path = path
         self.prediction: Prediction = prediction or path.default_prediction
+        self.x1_clip = x1_clip
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}")
 
@@ -42,7 +49,17 @@ class Predictor:
 
     def predict(self, x: Tensor, t: Tensor, cond: Any = None, kind: Prediction = "velocity") -> Tensor:
         """The model's prediction of ``kind`` at ``(x, t)``."""
-        return self.path.convert(self.raw(x, t, cond), x, t, self.prediction, kind)
+        if self.x1_clip is None:
+            return self.path.convert(self.raw(x, t, cond), x, t, self.prediction, kind)
+        raw = self.raw(x, t, cond)
+        x1, _ = self.path.to_x1_epsilon(raw, x, t, self.prediction)
+        clipped = self.path.convert(x1.clamp(-self.x1_clip, self.x1_clip), x, t, "x1", kind)
+        # Where σ_t = 0 (t = 1) ε̂ cannot be re-derived from x̂1; there x_t is the data itself: no clipping.
+        noisy = self.path.coefficients(t).sigma > 1e-6
+        if bool(noisy.all()):
+            return clipped
+        plain = self.path.convert(raw, x, t, self.prediction, kind)
+        return torch.where(noisy.reshape((-1,) + (1,) * (x.dim() - 1)), clipped, plain)
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         return self.predict(x, t, cond, "velocity")

@@ -46,14 +46,15 @@ def test_doc_examples_run(doc: pathlib.Path, tmp_path, monkeypatch):
     namespace: dict = {"__name__": f"docs_{doc.stem}"}
     try:
         for number, (line, code) in enumerate(python_blocks(doc), start=1):
+            failure = None
             try:
-                exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)
+                # Pad with blank lines so that tracebacks show the line number in the Markdown file.
+                exec(compile("\n" * (line - 1) + code, str(doc), "exec"), namespace)
             except Exception as err:  # noqa: BLE001 - report any failure with its location
-                pytest.fail(
-                    f"{doc.name}: python block {number} (line {line}) raised {type(err).__name__}: {err}\n\n"
-                    + "".join(traceback.format_exception(err)),
-                    pytrace=False,
-                )
+                failure = (f"{doc.name}: python block {number} (line {line}) raised {type(err).__name__}: {err}\n\n"
+                           + "".join(traceback.format_exception(err)))
+            if failure is not None:
+                pytest.fail(failure, pytrace=False)
     finally:
         torch.set_num_threads(threads)
         for name in set(sys.modules) - modules_before:  # modules the examples wrote into tmp_path

@@ -73,6 +73,8 @@ class ToyExperiment(Experiment):
             guidance coefficient (1 − t)/t is evaluated at max(t, min_time); 0.3 was the best of
             {0.01, 0.1, 0.3, 0.5} on 8 gaussians).
         cep: ``{"group_size": M, "steps": ..., "hidden": ..., "depth": ...}`` for the CEP energy nets.
+        x1_clip: bound on |x̂1| when sampling (see :class:`~energyflow.predictor.Predictor`); removes the
+            rare far outliers of VP models whose ε̂ error is amplified by 1/α_t near t = 0.
         num_eval_samples: samples per set for the distances (and the figure).
         eval_repeats: independent sets averaged per distance.
         pool_size: size of the exact target's importance-resampling pool.
@@ -85,7 +87,7 @@ class ToyExperiment(Experiment):
                  baselines: Sequence[str] = ("fm", "guidance", "cep"), net: Optional[dict] = None,
                  trainer: Optional[dict] = None, path_trainer: Optional[dict] = None,
                  sampler: Optional[dict] = None, guidance_steps: int = 50, guidance_min_time: float = 0.3,
-                 cep: Optional[dict] = None, num_eval_samples: int = 2000, eval_repeats: int = 8,
+                 cep: Optional[dict] = None, x1_clip: Optional[float] = None, num_eval_samples: int = 2000, eval_repeats: int = 8,
                  pool_size: int = 1_000_000, seed: int = 0, plot: bool = True):
         if dataset not in TOY_DATASETS:
             raise ValueError(f"unknown toy dataset {dataset!r}; choose one of {TOY_DATASETS}")
@@ -106,6 +108,7 @@ class ToyExperiment(Experiment):
         self.sampler_cfg = {"name": "heun", "steps": 50, **(sampler or {})}
         self.guidance_steps, self.guidance_min_time = int(guidance_steps), float(guidance_min_time)
         self.cep_cfg = {"group_size": 16, "hidden": 64, "depth": 3, **(cep or {})}
+        self.x1_clip = None if x1_clip is None else float(x1_clip)
         self.num_eval_samples, self.eval_repeats = int(num_eval_samples), int(eval_repeats)
         self.pool_size, self.seed, self.plot = int(pool_size), int(seed), bool(plot)
 
@@ -164,9 +167,9 @@ class ToyExperiment(Experiment):
         """The sampling model of ``method`` (one of :data:`METHODS`) at ``beta``."""
         if method in ("efm_ot", "efm_vp"):
             net, meta = self._load_field(run_dir, f"{method}_{_beta_tag(beta)}", device)
-            return Predictor(net, build_path(meta["path"]))
+            return Predictor(net, build_path(meta["path"]), x1_clip=self.x1_clip)
         base_net, _ = self._load_field(run_dir, "fm_ot", device)
-        base = Predictor(base_net, build_path("ot"))
+        base = Predictor(base_net, build_path("ot"), x1_clip=self.x1_clip)
         if method == "fm_ot":
             return base
         if method == "guidance":
