@@ -20,7 +20,9 @@ EPILOG_RUN = """examples:
   energyflow run recipes/toy_8gaussians.yaml --run-dir runs/mine     # rerun to resume
 
 Overrides use Hydra's syntax (key=value, +new_key=value, ~key).  The run directory receives the
-resolved config.yaml, metrics.jsonl, tensorboard logs (tb/), checkpoints, models and figures.
+resolved config.yaml, one folder per training stage (train/<stage>/ with metrics.jsonl, tensorboard
+logs in tb/ and checkpoint.pt), the trained models (models/), results.json, eval.json and figures.
+`energyflow run` is one process; for data-parallel training use the Trainer under torchrun.
 """
 
 
@@ -118,7 +120,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)
     sampler = {"name": args.sampler, "steps": args.steps} if args.sampler else None
-    x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
+    try:
+        x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
+    except (TypeError, NotImplementedError) as err:
+        raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {args.sampler}: {err}") from err
     out = args.output or os.path.join(args.run_dir, "samples.pt")
     if out.endswith(".npy"):
         import numpy as np
@@ -152,7 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)
     kwargs = {"sampler": {"name": args.sampler, "steps": args.steps}} if args.sampler else {}
-    results = experiment.evaluate(args.run_dir, **kwargs)
+    try:
+        results = experiment.evaluate(args.run_dir, **kwargs)
+    except (TypeError, NotImplementedError) as err:
+        raise RecipeError(f"cannot evaluate {args.run_dir} with sampler {args.sampler}: {err}") from err
     print(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
@@ -200,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # Hydra overrides may also follow the options of `run` (argparse stops at the first option)
+        if getattr(args, "command", None) != "run" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -65,8 +65,10 @@ def load_model_state(run_dir: str, name: str, map_location: Any = "cpu") -> dict
 
 
 def write_json(obj: Any, path: str) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON atomically (a unique temporary file in the same folder, then rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)

@@ -50,7 +50,8 @@ class TrainerConfig:
         warmup_steps: linear learning-rate warm-up; then ``lr_schedule`` ("constant" or "cosine").
         ema_decay: EMA decay of the weights (0 disables: the EMA model is the model itself).
         grad_clip: max gradient norm (``None`` or 0 disables).
-        seed: seeds the initialisation and the data/noise generators.
+        seed: seeds the data and noise generators (seed the model's initialisation yourself, before
+            building it, e.g. with :func:`energyflow.runtime.seed_everything`).
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
         num_threads: torch intra-op threads (``None``: torch's default).
         log_every, eval_every, checkpoint_every: periods in steps (0 disables eval/checkpoints;
@@ -82,7 +83,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainResult:
-    """``step`` reached, final ``metrics`` (averaged over the last logging window) and the run's ``history``."""
+    """``step`` reached, final ``metrics`` (averaged over the last logging window) and wall ``seconds``."""
 
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -212,7 +213,8 @@ class Trainer:
         path = self.checkpoint_path
         if not (self.config.resume and path and os.path.exists(path)):
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # On the CPU: generator states must stay CPU ByteTensors; load_state_dict moves the rest.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.load_state_dict(state)
         return True
 

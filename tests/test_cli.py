@@ -76,10 +76,15 @@ def test_toy_run_sample_eval_and_resume(tmp_path, capsys):
     (["run", "recipes/toy_8gaussians.yaml", "experiment.dataset=nope"], "unknown toy dataset"),
     (["run", "recipes/toy_8gaussians.yaml", "experiment._target_=os.path.join"], "cannot build"),
     (["sample", "/nonexistent/run"], "not a run directory"),
+    (["run", "recipes/toy_8gaussians.yaml", "--run-dir", "R", "experiment.dataset=nope"], "unknown toy dataset"),
 ])
 def test_bad_input_gives_clear_errors(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main([*argv, "--run-dir", str(tmp_path / "r")] if argv[0] == "run" else argv) == 2
+    if "R" in argv:  # overrides after the options
+        argv = [str(tmp_path / "r") if a == "R" else a for a in argv]
+    elif argv[0] == "run":
+        argv = [*argv, "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 

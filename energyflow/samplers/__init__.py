@@ -18,7 +18,7 @@ def build_sampler(name: str = "euler", steps: int = 50, **kwargs) -> Sampler:
     if name in ("em", "euler_maruyama"):
         return EulerMaruyamaSampler(steps, **kwargs)
     if name == "ancestral":
-        return AncestralSampler(steps)
+        return AncestralSampler(steps, **kwargs)
     if name in ("dpm", "dpm_solver"):
         return DPMSolverSampler(steps, **kwargs)
     raise ValueError(f"unknown sampler {name!r}; choose an ODE method {sorted(ODE_METHODS)}, 'em', 'ancestral' or 'dpm'")
