@@ -48,9 +48,8 @@ def time_training(hidden: int, batch: int, iters: int, reps: int, device: torch.
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
-            batch = {"x1": sample_toy("8gaussians", batch_size, g).to(device)}
-            batch = objective.prepare(batch, g) if hasattr(objective, "prepare") else batch
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = objective.prepare({"x1": sample_toy("8gaussians", batch_size, g)}, g)  # as the trainer does
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = objective(net, batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -48,10 +48,15 @@ class LossOutput:
 
 def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
                         group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """Noise ``x0 ~ N(0, I)`` like ``x1`` and times ``t ~ U[t_min, t_max]`` (one per group if given)."""
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    """Noise ``x0 ~ N(0, I)`` like ``x1`` and times ``t ~ U[t_min, t_max]`` (one per group if given).
+
+    Drawn on the generator's device (a CPU generator gives the same numbers whatever the device of
+    ``x1``), then moved to ``x1``'s device.
+    """
+    where = generator.device if generator is not None else x1.device
+    x0 = torch.randn(x1.shape, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
     n = x1.shape[0] if group_size is None else x1.shape[0] // group_size
-    t = path.sample_time(n, generator=generator, device=x1.device, dtype=x1.dtype)
+    t = path.sample_time(n, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
     if group_size is not None:
         t = t.repeat_interleave(group_size)
     return x0, t
