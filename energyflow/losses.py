@@ -38,12 +38,13 @@ __all__ = [
 @dataclass
 class LossOutput:
     """A scalar ``loss`` to minimise, the ``[B]`` per-sample losses, the weights used (or ``None``)
-    and float ``metrics`` for logging (keys without namespace, e.g. ``"loss"``, ``"ess"``)."""
+    and ``metrics`` for logging (keys without namespace, e.g. ``"loss"``, ``"ess"``): detached 0-d
+    tensors, so that a training step never waits on the device; ``float()`` them to read them."""
 
     loss: Tensor
     per_sample: Tensor
     weights: Optional[Tensor] = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
@@ -106,7 +107,7 @@ class FlowMatchingLoss:
                  generator: Optional[torch.Generator] = None) -> LossOutput:
         per = self.per_sample(net, batch, generator)
         loss = per.mean()
-        return LossOutput(loss=loss, per_sample=per, metrics={"loss": float(loss.detach())})
+        return LossOutput(loss=loss, per_sample=per, metrics={"loss": loss.detach()})
 
 
 class EnergyWeightedLoss(FlowMatchingLoss):
@@ -153,7 +154,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
             loss = weighted.sum() * _world_size()
         else:
             loss = weighted.sum() / w.num_groups
-        metrics = {"loss": float(loss.detach()), "ess": float(w.ess), "ess_fraction": float(w.ess_fraction)}
+        metrics = {"loss": loss.detach(), "ess": w.ess, "ess_fraction": w.ess_fraction}
         return LossOutput(loss=loss, per_sample=per, weights=w.weights, metrics=metrics)
 
 
@@ -199,4 +200,4 @@ class ContrastiveEnergyLoss:
         per_group = -(w * torch.log_softmax(logits, dim=1)).sum(1)
         loss = per_group.mean()
         return LossOutput(loss=loss, per_sample=per_group.repeat_interleave(m), weights=w.reshape(-1),
-                          metrics={"loss": float(loss.detach())})
+                          metrics={"loss": loss.detach()})

@@ -165,13 +165,15 @@ class Trainer:
             out[k] = v
         return out
 
-    def _reduce_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+    def _reduce_metrics(self, sums: dict[str, Any], count: int) -> dict[str, float]:
+        """Window means of the metrics, averaged over ranks: the only host synchronisation of a window."""
         keys = sorted(sums)
-        vals = torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64)
+        vals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device).reshape(())
+                            for k in keys]) / max(count, 1)
         if self.dist.enabled:
-            vals = vals.to(self.device)
             dist.all_reduce(vals)
-            vals = vals.cpu() / self.dist.world_size
+            vals = vals / self.dist.world_size
+        vals = vals.cpu()
         return {f"{self.name}/{k}": float(v) for k, v in zip(keys, vals)}
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class Trainer:
         out.loss.backward()
         metrics = dict(out.metrics)
         if c.grad_clip:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).detach()
         self.optimizer.step()
         self.scheduler.step()
         if self.ema_model is not self.model:
@@ -264,7 +266,7 @@ class Trainer:
             self.logger = MetricLogger(self.out_dir, tensorboard=c.tensorboard)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.dist.is_main),
                    dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         count, last, start = 0, {}, time.perf_counter()
         previous_handler = _install_sigterm_handler()
         try:
@@ -273,7 +275,7 @@ class Trainer:
                 metrics = self.train_step()
                 metrics["step_seconds"] = time.perf_counter() - t0
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums[k] + v if k in sums else v
                 count += 1
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.steps:

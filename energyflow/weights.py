@@ -72,7 +72,12 @@ def energy_weights(
         raise ValueError(f"energies must have shape [B], got {tuple(energies.shape)}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    energies = check_energies(energies.detach(), nonfinite)
+    if nonfinite not in ("raise", "mask"):
+        raise ValueError(f"nonfinite must be 'raise' or 'mask', got {nonfinite!r}")
+    energies = energies.detach()
+    if not bool(torch.isfinite(energies).all()):  # one host sync; details only when something is wrong
+        energies = check_energies(energies, nonfinite)
+    masked = nonfinite == "mask"
     logits = -float(beta) * energies.to(torch.float64)
     if beta == 0:
         # 0 · inf is NaN: masked samples keep -inf, the others are uniform.
@@ -83,7 +88,7 @@ def energy_weights(
             raise ValueError(f"batch of {energies.numel()} is not a multiple of group_size={group_size}")
         grouped = logits.view(-1, group_size)
         lse = torch.logsumexp(grouped, dim=1, keepdim=True)
-        if torch.isinf(lse).any():
+        if masked and bool(torch.isinf(lse).any()):
             raise ValueError(f"{int(torch.isinf(lse).sum())} group(s) have no finite energy: cannot normalise their weights")
         log_w = (grouped - lse).reshape(-1)
         w = log_w.exp()
@@ -99,7 +104,7 @@ def energy_weights(
             lse = torch.logsumexp(torch.stack(all_lse), dim=0)
             size = size * dist.get_world_size()
             sq_term = True
-        if torch.isinf(lse):
+        if masked and bool(torch.isinf(lse)):
             raise ValueError("every energy in the batch is masked: cannot normalise the weights")
         log_w = logits - lse
         w = log_w.exp()

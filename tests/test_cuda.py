@@ -55,7 +55,8 @@ def test_samplers_agree_on_cpu_and_gpu(name):
         assert torch.allclose(outs[0].mean(0), outs[1].mean(0), atol=0.06)
         assert torch.allclose(outs[0].std(0), outs[1].std(0), rtol=0.05)
     else:
-        assert torch.allclose(outs[0], outs[1], atol=1e-6)
+        # adaptive dopri5 may pick other steps on the GPU (rounding): equal within its tolerance
+        assert torch.allclose(outs[0], outs[1], atol=1e-4 if name == "dopri5" else 1e-6)
 
 
 def test_guidance_runs_on_gpu():
