@@ -165,6 +165,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Offline-RL datasets (needs the rl extra)."""
+    try:
+        from domains.rl import behaviour, datasets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RecipeError(f"'energyflow data' needs the rl extra: pip install 'energyflow[rl]' ({err})") from err
+    if args.data_command == "train-behaviour":
+        records = behaviour.train_sac(args.env, args.steps, args.out, checkpoint_every=args.checkpoint_every,
+                                      seed=args.seed)
+        for r in records:
+            print(json.dumps(r))
+    elif args.data_command == "make":
+        steps = args.steps_per_actor[0] if len(args.steps_per_actor) == 1 else args.steps_per_actor
+        ds = datasets.make_mixed_dataset(args.dataset_id, args.actors, steps, env_id=args.env,
+                                         seed=args.seed, overwrite=args.overwrite)
+        print(f"created {args.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
+    elif args.data_command == "list":
+        import minari
+
+        for name in sorted(minari.list_local_datasets()):
+            print(name)
+    elif args.data_command == "download":
+        datasets.load_minari(args.dataset_id, download=True)
+        print(f"downloaded {args.dataset_id}")
+    else:
+        raise RecipeError("choose a data command: train-behaviour, make, list, download (see --help)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="energyflow",
@@ -203,6 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", help="override the sampler for the evaluation")
     ev.add_argument("--steps", type=int, default=50, help="sampler steps (with --sampler; default 50)")
     ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="build or fetch offline-RL datasets (Minari)", description=(
+        "Offline-RL datasets in the local Minari store ($MINARI_DATASETS_PATH, default ~/.minari/datasets): train "
+        "a behaviour policy with SAC, roll out its checkpoints into a dataset, list or download datasets."))
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    tb = dsub.add_parser("train-behaviour", help="train SAC and save actor checkpoints with their returns")
+    tb.add_argument("--env", default="Walker2d-v5", help="Gymnasium id (default Walker2d-v5)")
+    tb.add_argument("--steps", type=int, default=300_000, help="environment steps (default 300000; ~60 steps/s on a CPU core)")
+    tb.add_argument("--out", required=True, help="folder for actor_<steps>.pt and checkpoints.jsonl")
+    tb.add_argument("--checkpoint-every", type=int, default=20_000)
+    tb.add_argument("--seed", type=int, default=0)
+    mk = dsub.add_parser("make", help="roll out actor checkpoints (stochastic actions) into one Minari dataset")
+    mk.add_argument("dataset_id", help="e.g. energyflow/walker2d-mixed-v0 (Minari ids need -vN)")
+    mk.add_argument("--actors", nargs="+", required=True, help="actor checkpoints (from train-behaviour)")
+    mk.add_argument("--steps-per-actor", type=int, nargs="+", default=[25_000], help="steps per checkpoint (one value or one per actor)")
+    mk.add_argument("--env", default=None, help="Gymnasium id (default: the checkpoints')")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--overwrite", action="store_true")
+    dsub.add_parser("list", help="list the datasets in the local Minari store")
+    dl = dsub.add_parser("download", help="download a remote Minari dataset (needs internet)")
+    dl.add_argument("dataset_id", help="e.g. mujoco/walker2d/medium-v0")
+    data.set_defaults(func=cmd_data)
     return parser
 
 

@@ -14,17 +14,26 @@ from energyflow.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
+TINY_QIPO = [
+    "experiment.default_dataset.id=energyflow/test-walker-v0", "experiment.default_dataset.steps_per_actor=[150,150,150]",
+    "experiment.qipo.behaviour.steps=20", "experiment.qipo.critic.steps=20", "experiment.qipo.critic_states=256",
+    "experiment.qipo.rounds=1", "experiment.qipo.round_steps=5", "experiment.qipo.round_states=64",
+    "experiment.qipo.qgpo.steps=10", "experiment.qipo.hidden=32", "experiment.qipo.critic_hidden=32",
+    "experiment.eval_episodes=2", "experiment.progress=false", "device=cpu",
+]
 TINY = {  # per recipe: overrides that make it run in seconds
     "toy_8gaussians.yaml": [
         "experiment.trainer.steps=5", "experiment.path_trainer.vp.steps=5", "experiment.cep.steps=5",
         "experiment.betas=[1,10]", "experiment.num_eval_samples=200", "experiment.eval_repeats=1",
         "experiment.pool_size=20000", "experiment.trainer.progress=false", "experiment.trainer.device=cpu",
     ],
+    "qipo_walker.yaml": TINY_QIPO,
 }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
-def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys):
+def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     name = os.path.basename(recipe)
     assert name in TINY, f"add tiny overrides for {name} to TINY"
     run_dir = tmp_path / "run"

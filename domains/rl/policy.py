@@ -57,22 +57,25 @@ class GenerativePolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: Tensor, num: int = 1, generator: Optional[torch.Generator] = None,
-               sampler: Optional[dict] = None) -> Tensor:
-        """Unclipped actions ``[B, num, act_dim]`` for raw states ``obs`` [B, obs_dim] (one batched solve)."""
+               sampler: Optional[dict] = None, predictor: Optional[Predictor] = None) -> Tensor:
+        """Unclipped actions ``[B, num, act_dim]`` for raw states ``obs`` [B, obs_dim] (one batched solve).
+
+        ``predictor`` replaces the policy's own (e.g. a gradient-guided one for QGPO)."""
         cfg = {**self.sampler_cfg, **(sampler or {})}
         smp = build_sampler(cfg.pop("name"), **cfg)
         cond = self.normalize(obs).repeat_interleave(num, dim=0)
         x0 = torch.randn(cond.shape[0], self.act_dim, generator=generator,
                          device=generator.device if generator is not None else "cpu").to(obs.device)
-        return smp.sample(self.predictor(), x0, cond).x.view(obs.shape[0], num, self.act_dim)
+        return smp.sample(predictor or self.predictor(), x0, cond).x.view(obs.shape[0], num, self.act_dim)
 
     def clip(self, actions: Tensor) -> Tensor:
         return actions.clamp(self.action_low, self.action_high)
 
     @torch.no_grad()
-    def act(self, obs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def act(self, obs: Tensor, generator: Optional[torch.Generator] = None,
+            predictor: Optional[Predictor] = None) -> Tensor:
         """Clipped actions ``[B, act_dim]`` to execute."""
-        return self.clip(self.sample(obs, 1, generator)[:, 0])
+        return self.clip(self.sample(obs, 1, generator, predictor=predictor)[:, 0])
 
     def config(self) -> dict[str, Any]:
         return {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "path": self.path_name,

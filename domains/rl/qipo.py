@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from energyflow.data import TensorBatchSource
-from energyflow.losses import EnergyWeightedLoss, FlowMatchingLoss
+from energyflow.guidance import CEPGuidedPredictor
+from energyflow.losses import ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss
+from energyflow.nets import MLPEnergyNet
 from energyflow.stages import Stage
 from energyflow.trainer import Trainer, TrainerConfig
 
@@ -48,6 +50,9 @@ class QIPOConfig:
         beta: inverse temperature on the group-standardised Q.
         rounds: number of support renewals; ``round_steps``: policy steps per round; ``round_states``:
             states sampled per renewal; ``round_trainer``: trainer settings for the rounds.
+        qgpo: the QGPO baseline's time-dependent energy network (contrastive energy prediction on the
+            critic's support set, weights softmax(β·Q̃)) and its guidance ``scale``.
+        checkpoint_every: stage trainers checkpoint this often (a killed stage resumes from there).
         seed: seeds every stage.
     """
 
@@ -67,6 +72,9 @@ class QIPOConfig:
     round_steps: int = 1000
     round_states: int = 32000
     round_trainer: dict = field(default_factory=lambda: {"batch_size": 1024, "lr": 1e-4, "ema_decay": 0.0})
+    qgpo: dict = field(default_factory=lambda: {"steps": 10000, "batch_size": 1024, "lr": 3e-4, "ema_decay": 0.999,
+                                                "hidden": 256, "depth": 3, "scale": 1.0})
+    checkpoint_every: int = 1000
     seed: int = 0
 
 
@@ -117,7 +125,7 @@ class QIPO:
 
     def _trainer_config(self, settings: dict, **extra: Any) -> TrainerConfig:
         return TrainerConfig(**{"seed": self.cfg.seed, "device": str(self.device), "progress": self.progress,
-                                "log_every": 200, **settings, **extra})
+                                "log_every": 200, "checkpoint_every": self.cfg.checkpoint_every, **settings, **extra})
 
     def _norm(self, obs: Tensor) -> Tensor:
         return (obs - self.obs_mean.to(obs.device)) / self.obs_std.to(obs.device)
@@ -155,12 +163,12 @@ class QIPO:
             g = torch.Generator().manual_seed(self.cfg.seed)
             idx = torch.randperm(len(d), generator=g)[:n]
             support_path = os.path.join(out_dir, "support.pt")
-            if os.path.exists(support_path):
-                support = torch.load(support_path)
+            if os.path.exists(support_path):  # resuming a killed critic stage: the support set is kept
+                support = torch.load(support_path)["support"]
             else:
                 support = self.sample_in_chunks(mu, d.next_observations[idx].to(self.device), self.cfg.num_support, g)
                 support = mu.clip(support).cpu()
-                torch.save(support, support_path)
+                torch.save({"support": support, "index": idx}, support_path)
             source = TensorBatchSource({
                 "x1": mu.clip(d.actions[idx]), "obs": self._norm(d.observations[idx]),
                 "next_obs": self._norm(d.next_observations[idx]), "reward": d.rewards[idx],
@@ -244,6 +252,48 @@ class QIPO:
             self._append(log_path, record)
         stage.finish({"rounds": len(records) - 1})
         return records
+
+    # -- the QGPO baseline --------------------------------------------------------------------------
+    @property
+    def qgpo_stage(self) -> Stage:
+        c = self.cfg
+        return Stage("qgpo_energy", {"beta": c.beta, "num_support": c.num_support,
+                                     **{k: v for k, v in c.qgpo.items() if k != "scale"}, "seed": c.seed},
+                     self.cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
+
+    def qgpo_predictor(self, behaviour: Optional[GenerativePolicy] = None):
+        """QGPO: μ guided by ∇f, with f trained by contrastive energy prediction on μ's support actions
+        weighted by softmax(β·Q̃) (the same weights QIPO uses): a gradient per sampling step."""
+        mu = behaviour or self.behaviour()
+        critic = self.critic(mu)
+        q = self.cfg.qgpo
+        net = MLPEnergyNet(self.data.act_dim, hidden=q["hidden"], depth=q["depth"], cond_dim=self.data.obs_dim).to(self.device)
+
+        def train(out_dir: str) -> dict:
+            saved = torch.load(self.critic_stage.file("support.pt"))  # clipped μ actions at dataset states
+            support, idx = saved["support"], saved["index"]
+            n = support.shape[0]
+            obs_n = self._norm(self.data.next_observations[idx])
+            m = self.cfg.num_support
+            with torch.no_grad():
+                qv = torch.cat([critic.min_q(obs_n[i:i + 4096].to(self.device).repeat_interleave(m, 0),
+                                             support[i:i + 4096].reshape(-1, self.data.act_dim).to(self.device)).view(-1, m).cpu()
+                                for i in range(0, n, 4096)])
+            source = TensorBatchSource({"x1": support, "cond": obs_n.unsqueeze(1).expand(-1, m, -1),
+                                        "energy": -standardize_within_groups(qv)}, group_size=m)
+            torch.manual_seed(self.cfg.seed)
+            objective = ContrastiveEnergyLoss(mu.path, self.cfg.beta, m)
+            settings = {k: v for k, v in q.items() if k not in ("hidden", "depth", "scale")}
+            trainer = Trainer(net, objective, source, self._trainer_config(settings), out_dir=out_dir, name="qgpo")
+            result = trainer.fit()
+            net.load_state_dict(trainer.ema_module.state_dict())
+            torch.save(net.state_dict(), os.path.join(out_dir, "energy.pt"))
+            return {"final": result.metrics}
+
+        stage = self.qgpo_stage
+        stage.run(train)
+        net.load_state_dict(torch.load(stage.file("energy.pt"), map_location=self.device))
+        return CEPGuidedPredictor(mu.predictor(), net.eval(), scale=float(q.get("scale", 1.0)))
 
     @staticmethod
     def _append(path: str, record: dict) -> None:

@@ -1,0 +1,95 @@
+"""The offline-RL experiment end to end on tiny data: every algorithm, shared cached stages,
+resume after a hard kill mid-stage, and refusal of a dataset made for another environment."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("minari")
+from domains.rl.experiment import OfflineRLExperiment  # noqa: E402
+from energyflow.cli import main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTORS = [os.path.join(ROOT, "assets", "behaviour", f"walker2d_actor_{x}.pt") for x in "abc"]
+TINY_QIPO = {"hidden": 32, "depth": 2, "num_support": 4, "critic_hidden": 32,
+             "behaviour": {"steps": 30, "batch_size": 64}, "critic": {"steps": 30, "batch_size": 64},
+             "critic_states": 256, "rounds": 2, "round_steps": 5, "round_states": 64,
+             "round_trainer": {"batch_size": 64}, "qgpo": {"steps": 10, "batch_size": 64, "hidden": 32, "depth": 2}}
+
+
+def tiny(algo, cache, **kw):
+    return OfflineRLExperiment(env_id="Walker2d-v5", dataset="default", algo=algo, qipo=TINY_QIPO, seeds=[0, 1],
+                               eval_episodes=2, cache_dir=str(cache), progress=False, device="cpu",
+                               default_dataset={"id": "energyflow/test-walker-v0", "actors": ACTORS,
+                                                "steps_per_actor": [100, 100, 100]}, **kw)
+
+
+@pytest.mark.slow
+def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    cache = tmp_path / "cache"
+    results = {}
+    for algo in ("qipo_ot", "bc", "qipo_diff", "qgpo"):
+        run_dir = tmp_path / algo
+        run_dir.mkdir()
+        results[algo] = tiny(algo, cache).run(str(run_dir))
+        assert (run_dir / "learning_curve.png").exists()
+        assert (run_dir / "seed1" / "evals.jsonl").exists()
+        r = results[algo]
+        assert set(r["last"]) == {"mean", "std", "per_seed"} and len(r["best"]["per_seed"]) == 2
+        assert all(b >= l for b, l in zip(r["best"]["per_seed"], r["last"]["per_seed"]))
+    # QIPO-OT: 3 evaluations per seed (behaviour + 2 renewals); BC = QIPO-OT's round 0, same cached model
+    assert len(results["qipo_ot"]["curves"]["0"]) == 3
+    assert results["bc"]["last"]["per_seed"] == [c[0] for c in results["qipo_ot"]["curves"].values()]
+    behaviour_dirs = [d for d in os.listdir(cache) if d.startswith("behaviour-")]
+    assert len(behaviour_dirs) == 4  # (ot, vp) × 2 seeds: BC reused QIPO-OT's, QGPO reused QIPO-Diff's
+    assert len([d for d in os.listdir(cache) if d.startswith("qgpo_energy-")]) == 2
+
+
+def test_a_dataset_for_another_environment_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    from domains.rl.datasets import create_minari_dataset, rollout
+
+    episodes = rollout(None, "Hopper-v5", 50, seed=0)
+    create_minari_dataset("energyflow/hopper-tiny-v0", episodes, "Hopper-v5")
+    code = main(["run", os.path.join(ROOT, "recipes", "qipo_walker.yaml"), "dataset=energyflow/hopper-tiny-v0",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "(11,)" in err and "(17,)" in err  # Hopper's observations vs Walker2d's
+
+
+@pytest.mark.slow
+def test_recipe_resumes_after_a_hard_kill_mid_stage(tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "energyflow", "run", os.path.join(ROOT, "recipes", "qipo_walker.yaml"),
+            "--run-dir", str(tmp_path / "run"), "device=cpu", "experiment.progress=false",
+            "experiment.default_dataset.id=energyflow/test-walker-v0",
+            "experiment.default_dataset.steps_per_actor=[100,100,100]", "experiment.qipo.hidden=32",
+            "experiment.qipo.critic_hidden=32", "experiment.qipo.behaviour.steps=3000",
+            "+experiment.qipo.checkpoint_every=50", "experiment.qipo.critic.steps=20",
+            "experiment.qipo.critic_states=128", "experiment.qipo.rounds=1", "experiment.qipo.round_steps=5",
+            "experiment.qipo.round_states=32", "experiment.eval_episodes=2"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cache = tmp_path / "cache"
+    deadline = time.time() + 120
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:  # wait for the behaviour stage's first checkpoint
+        found = [d for d in (os.listdir(cache) if cache.exists() else []) if d.startswith("behaviour-")]
+        if found and (cache / found[0] / "checkpoint.pt").exists():
+            ckpt = cache / found[0] / "checkpoint.pt"
+            break
+        time.sleep(0.2)
+    assert ckpt is not None, "the behaviour stage never checkpointed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt.parent / "done.json").exists()
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed from" in out.stdout + out.stderr
+    assert (ckpt.parent / "done.json").exists()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["algo"] == "qipo_ot"
