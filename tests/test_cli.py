@@ -28,6 +28,20 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.pool_size=20000", "experiment.trainer.progress=false", "experiment.trainer.device=cpu",
     ],
     "qipo_walker.yaml": TINY_QIPO,
+    "qipo_hopper.yaml": [*TINY_QIPO, "dataset=energyflow/test-hopper-v0", "experiment.download=false"],
+    "qipo_halfcheetah.yaml": [*TINY_QIPO, "dataset=energyflow/test-halfcheetah-v0", "experiment.download=false"],
+}
+
+
+def _tiny_dataset(dataset_id, env_id):
+    from domains.rl.datasets import create_minari_dataset, rollout
+
+    create_minari_dataset(dataset_id, rollout(None, env_id, 300, seed=0), env_id)
+
+
+SETUP = {  # per recipe: what its tiny run needs first (the remote datasets are replaced by tiny local ones)
+    "qipo_hopper.yaml": lambda: _tiny_dataset("energyflow/test-hopper-v0", "Hopper-v5"),
+    "qipo_halfcheetah.yaml": lambda: _tiny_dataset("energyflow/test-halfcheetah-v0", "HalfCheetah-v5"),
 }
 
 
@@ -36,6 +50,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     name = os.path.basename(recipe)
     assert name in TINY, f"add tiny overrides for {name} to TINY"
+    SETUP.get(name, lambda: None)()
     run_dir = tmp_path / "run"
     assert main(["run", recipe, *TINY[name], "--run-dir", str(run_dir)]) == 0
     assert (run_dir / "config.yaml").exists()
