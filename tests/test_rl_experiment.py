@@ -36,7 +36,11 @@ def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
     for algo in ("qipo_ot", "bc", "qipo_diff", "qgpo"):
         run_dir = tmp_path / algo
         run_dir.mkdir()
-        results[algo] = tiny(algo, cache).run(str(run_dir))
+        experiment = tiny(algo, cache)
+        results[algo] = experiment.run(str(run_dir))
+        if algo in ("qipo_ot", "qgpo"):  # `energyflow eval`: reloading the final policy reproduces the last score
+            again = experiment.evaluate(str(run_dir))
+            assert [again["per_seed"][str(s)]["normalized_score"] for s in (0, 1)] == results[algo]["last"]["per_seed"]
         assert (run_dir / "learning_curve.png").exists()
         assert (run_dir / "seed1" / "evals.jsonl").exists()
         r = results[algo]

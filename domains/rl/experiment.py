@@ -147,10 +147,37 @@ class OfflineRLExperiment(Experiment):
             timings["rounds"] = round(time.perf_counter() - t0, 1)
         with open(os.path.join(seed_dir, "evals.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        write_json({"records": records, "stage_seconds": timings, "stages": {
-            "behaviour": qipo.behaviour_stage.path, "critic": qipo.critic_stage.path}},
-            os.path.join(seed_dir, "summary.json"))
+        final = (qipo.rounds_stage.file(f"round{records[-1]['round']}/policy.pt")
+                 if self.algo in ("qipo_ot", "qipo_diff") and records[-1]["round"] > 0
+                 else qipo.behaviour_stage.file("policy.pt"))
+        write_json({"records": records, "stage_seconds": timings, "final_policy": final,
+                    "qgpo_energy": qipo.qgpo_stage.file("energy.pt") if self.algo == "qgpo" else None,
+                    "stages": {"behaviour": qipo.behaviour_stage.path, "critic": qipo.critic_stage.path}},
+                   os.path.join(seed_dir, "summary.json"))
         return records
+
+    def evaluate(self, run_dir: str) -> dict[str, Any]:
+        """Load each seed's final policy from ``run_dir`` and evaluate it again (same protocol)."""
+        data, key = self.load_data()
+        cache_dir = self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "cache")
+        scores = {}
+        for seed in self.seeds:
+            path = os.path.join(run_dir, f"seed{seed}", "summary.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: run the recipe first")
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            qipo = self._qipo(data, key, seed, cache_dir)
+            policy = qipo.new_policy()
+            policy.load_state_dict(torch.load(summary["final_policy"], map_location=qipo.device))
+            predictor_fn = (lambda: qipo.qgpo_predictor(policy)) if self.algo == "qgpo" else None
+            record = self._evaluator(data, predictor_fn)(policy.eval(), -1)
+            scores[seed] = record
+        values = np.array([r["normalized_score"] for r in scores.values()])
+        result = {"algo": self.algo, "per_seed": {str(k): v for k, v in scores.items()},
+                  "normalized_score": {"mean": float(values.mean()), "std": float(values.std())}}
+        write_json(result, os.path.join(run_dir, "eval.json"))
+        return result
 
     def run(self, run_dir: str) -> dict[str, Any]:
         data, key = self.load_data()
