@@ -1,5 +1,5 @@
 """Action-sampling time per state: QIPO-OT and QIPO-Diff against QGPO, at their default step counts,
-measured side by side in one run (Walker2d sizes: 17-d states, 6-d actions, MLP 256×3).
+measured side by side in one run (Walker2d sizes: 17-d states, 6-d actions, MLPs 128×3 as in the recipe).
 
 QIPO-OT: Euler, 10 steps, no gradient.  QIPO-Diff: DPM-Solver, 15 steps.  QGPO: the same VP
 behaviour model and DPM-Solver steps, plus a time-dependent energy network whose input gradient
@@ -25,15 +25,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--states", type=int, default=256, help="states per call (a vectorised evaluation batch)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--hidden", type=int, default=128, help="policy and QGPO energy-net width (recipe default 128)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    ot = GenerativePolicy(17, 6, "ot").to(device).eval()
-    vp = GenerativePolicy(17, 6, "vp").to(device).eval()
-    energy = MLPEnergyNet(6, hidden=256, depth=3, cond_dim=17).to(device).eval()
+    ot = GenerativePolicy(17, 6, "ot", hidden=args.hidden).to(device).eval()
+    vp = GenerativePolicy(17, 6, "vp", hidden=args.hidden).to(device).eval()
+    energy = MLPEnergyNet(6, hidden=args.hidden, depth=3, cond_dim=17).to(device).eval()
     qgpo = CEPGuidedPredictor(vp.predictor(), energy, scale=1.0)
     obs = torch.randn(args.states, 17, device=device)
     runs = {"qipo_ot": lambda: ot.act(obs), "qipo_diff": lambda: vp.act(obs), "qgpo": lambda: vp.act(obs, predictor=qgpo)}

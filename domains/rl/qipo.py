@@ -57,7 +57,7 @@ class QIPOConfig:
     """
 
     path: str = "ot"
-    hidden: int = 256
+    hidden: int = 128
     depth: int = 3
     behaviour: dict = field(default_factory=lambda: {"steps": 20000, "batch_size": 256, "lr": 3e-4, "ema_decay": 0.999})
     num_support: int = 16
@@ -73,7 +73,7 @@ class QIPOConfig:
     round_states: int = 32000
     round_trainer: dict = field(default_factory=lambda: {"batch_size": 1024, "lr": 1e-4, "ema_decay": 0.0})
     qgpo: dict = field(default_factory=lambda: {"steps": 10000, "batch_size": 1024, "lr": 3e-4, "ema_decay": 0.999,
-                                                "hidden": 256, "depth": 3, "scale": 1.0})
+                                                "hidden": 128, "depth": 3, "scale": 1.0})
     checkpoint_every: int = 1000
     seed: int = 0
 
