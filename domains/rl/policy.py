@@ -30,12 +30,18 @@ class GenerativePolicy(nn.Module):
             DPM-Solver, 15 steps for VP).
         action_low, action_high: the action box (used by :meth:`act` to clip).
         obs_mean, obs_std: observation normalisation (the network sees normalised states).
+        x1_clip: bound on the predicted clean action x̂1 while sampling (see
+            :class:`~energyflow.predictor.Predictor`): loose (3× the action box by default) so the
+            samples QIPO trains on stay unclipped in the box's neighbourhood, but a VP model's rare
+            far outliers (ε̂ errors amplified by 1/α near t = 0) cannot occur.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, path: str = "ot", hidden: int = 256, depth: int = 3,
                  sampler: Optional[dict] = None, action_low: float = -1.0, action_high: float = 1.0,
-                 obs_mean: Optional[Tensor] = None, obs_std: Optional[Tensor] = None):
+                 obs_mean: Optional[Tensor] = None, obs_std: Optional[Tensor] = None,
+                 x1_clip: Optional[float] = 3.0):
         super().__init__()
+        self.x1_clip = None if x1_clip is None else float(x1_clip) * max(abs(float(action_low)), abs(float(action_high)))
         self.obs_dim, self.act_dim, self.path_name = obs_dim, act_dim, path
         self.net = MLPField(act_dim, hidden=hidden, depth=depth, cond_dim=obs_dim)
         self.path = build_path(path)
@@ -53,7 +59,7 @@ class GenerativePolicy(nn.Module):
         return self.net(x, t, cond)
 
     def predictor(self) -> Predictor:
-        return Predictor(self, self.path)
+        return Predictor(self, self.path, x1_clip=self.x1_clip)
 
     @torch.no_grad()
     def sample(self, obs: Tensor, num: int = 1, generator: Optional[torch.Generator] = None,
