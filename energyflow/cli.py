@@ -269,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError, ValueError) as err:
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as err:
         # user-facing input errors (bad recipe, unknown model, missing run): one clear line, no traceback
         print(f"energyflow: error: {err}", file=sys.stderr)
         return 2

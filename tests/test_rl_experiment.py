@@ -97,3 +97,18 @@ def test_recipe_resumes_after_a_hard_kill_mid_stage(tmp_path):
     assert "resumed from" in out.stdout + out.stderr
     assert (ckpt.parent / "done.json").exists()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["algo"] == "qipo_ot"
+
+
+def test_data_commands_make_and_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    assert main(["data", "make", "energyflow/cli-walker-v0", "--actors", *ACTORS[:2], "--steps-per-actor", "40"]) == 0
+    assert "80 steps" in capsys.readouterr().out
+    assert main(["data", "list"]) == 0
+    assert "energyflow/cli-walker-v0" in capsys.readouterr().out
+    # refuses to overwrite, with a clear message
+    assert main(["data", "make", "energyflow/cli-walker-v0", "--actors", ACTORS[0], "--steps-per-actor", "40"]) == 2
+    assert "exists" in capsys.readouterr().err
+    # a missing dataset fails fast and says how to create it
+    assert main(["run", os.path.join(ROOT, "recipes", "qipo_walker.yaml"), "dataset=energyflow/nope-v0",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert "energyflow data" in capsys.readouterr().err
