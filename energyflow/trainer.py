@@ -296,7 +296,8 @@ class Trainer:
             raise
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous_handler) if previous_handler is not None else None
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         self.save_checkpoint()
         if self.hooks:
             last.update(self.evaluate())

@@ -159,7 +159,7 @@ class OfflineRLExperiment(Experiment):
     def evaluate(self, run_dir: str) -> dict[str, Any]:
         """Load each seed's final policy from ``run_dir`` and evaluate it again (same protocol)."""
         data, key = self.load_data()
-        cache_dir = self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "cache")
+        cache_dir = self._cache_dir(run_dir)
         scores = {}
         for seed in self.seeds:
             path = os.path.join(run_dir, f"seed{seed}", "summary.json")
@@ -179,9 +179,13 @@ class OfflineRLExperiment(Experiment):
         write_json(result, os.path.join(run_dir, "eval.json"))
         return result
 
+    def _cache_dir(self, run_dir: str) -> str:
+        """Where stages are cached: ``cache_dir``, or ``cache/`` beside the run directory."""
+        return self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "cache")
+
     def run(self, run_dir: str) -> dict[str, Any]:
         data, key = self.load_data()
-        cache_dir = self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "cache")
+        cache_dir = self._cache_dir(run_dir)
         per_seed = {}
         for seed in self.seeds:
             print(f"{self.algo} on {key}, seed {seed}")
