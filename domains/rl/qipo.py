@@ -133,11 +133,9 @@ class QIPO:
     # -- stage 1: behaviour --------------------------------------------------------------------------
     def behaviour(self) -> GenerativePolicy:
         """The behaviour policy μ (trained once per dataset and configuration)."""
-        policy = self.new_policy()
-
         def train(out_dir: str) -> dict:
             torch.manual_seed(self.cfg.seed)
-            policy.load_state_dict(self.new_policy().state_dict())
+            policy = self.new_policy()
             d = self.data
             source = TensorBatchSource({"x1": d.actions, "cond": self._norm(d.observations)})
             trainer = Trainer(policy, FlowMatchingLoss(policy.path), source, self._trainer_config(self.cfg.behaviour),
@@ -148,14 +146,13 @@ class QIPO:
             return {"final": result.metrics}
 
         self.behaviour_stage.run(train)
+        policy = self.new_policy()
         policy.load_state_dict(torch.load(self.behaviour_stage.file("policy.pt"), map_location=self.device))
         return policy.eval()
 
     # -- stage 2 + 3: support set and critic -----------------------------------------------------------
     def critic(self, behaviour: Optional[GenerativePolicy] = None) -> TwinQ:
         """The twin critic trained by in-support softmax Q-learning."""
-        critic = self.new_critic()
-
         def train(out_dir: str) -> dict:
             mu = behaviour or self.behaviour()
             d = self.data
@@ -174,7 +171,7 @@ class QIPO:
                 "next_obs": self._norm(d.next_observations[idx]), "reward": d.rewards[idx],
                 "terminal": d.terminals[idx], "support": support})
             torch.manual_seed(self.cfg.seed)
-            critic.load_state_dict(self.new_critic().state_dict())
+            critic = self.new_critic()
             objective = InSupportCriticLoss(self.cfg.gamma, self.cfg.alpha)
             trainer = Trainer(critic, objective, source, self._trainer_config(self.cfg.critic, grad_clip=None),
                               out_dir=out_dir, name="critic")
@@ -185,6 +182,7 @@ class QIPO:
             return {"final": result.metrics, "dataset_return_to_go_mean": float(rtg)}
 
         self.critic_stage.run(train)
+        critic = self.new_critic()
         critic.load_state_dict(torch.load(self.critic_stage.file("critic.pt"), map_location=self.device))
         return critic.eval()
 
