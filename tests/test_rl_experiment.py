@@ -52,6 +52,17 @@ def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
     behaviour_dirs = [d for d in os.listdir(cache) if d.startswith("behaviour-")]
     assert len(behaviour_dirs) == 4  # (ot, vp) × 2 seeds: BC reused QIPO-OT's, QGPO reused QIPO-Diff's
     assert len([d for d in os.listdir(cache) if d.startswith("qgpo_energy-")]) == 2
+    # benchmarks/rl_table.py: the README's table and comparison figure from these run directories
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import rl_table
+
+    loaded = [rl_table.load(str(tmp_path / algo)) for algo in ("qipo_ot", "bc", "qipo_diff", "qgpo")]
+    text = rl_table.table(loaded)
+    r = results["qipo_ot"]["last"]
+    assert f"| QIPO-OT | 2 | {r['mean']:.1f} ± {r['std']:.1f} |" in text and "| QGPO | 2 |" in text
+    assert "critic" in text.splitlines()[2]  # stage wall times come from seed<k>/summary.json
+    rl_table.figure(loaded, str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 1000
 
 
 def test_a_dataset_for_another_environment_is_refused(tmp_path, monkeypatch, capsys):
