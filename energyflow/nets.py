@@ -69,7 +69,7 @@ class MLPField(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_dim or dim))
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        if self.cond is None and t.shape[0] > 1 and bool((t == t[:1]).all()):
+        if t.shape[0] > 1 and bool((t == t[:1]).all()):
             # One time for the whole batch (samplers): embed it once and broadcast.
             e = self.time(t[:1])
         else:
@@ -77,7 +77,8 @@ class MLPField(nn.Module):
         if self.cond is not None:
             if cond is None:
                 raise ValueError("this network is conditional (cond_dim > 0) but cond is None")
-            e = torch.cat([e, self.cond(cond)], dim=-1)
+            c = self.cond(cond)
+            e = torch.cat([e.expand(c.shape[0], -1), c], dim=-1)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, e)
