@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--seed", type=int, default=0)
     mk = dsub.add_parser("make", help="roll out actor checkpoints (stochastic actions) into one Minari dataset")
     mk.add_argument("dataset_id", help="e.g. energyflow/walker2d-mixed-v0 (Minari ids need -vN)")
-    mk.add_argument("--actors", nargs="+", required=True, help="actor checkpoints (from train-behaviour)")
+    mk.add_argument("--actors", nargs="+", required=True, help="actor checkpoints (from train-behaviour); 'random' rolls out uniformly random actions")
     mk.add_argument("--steps-per-actor", type=int, nargs="+", default=[25_000], help="steps per checkpoint (one value or one per actor)")
     mk.add_argument("--env", default=None, help="Gymnasium id (default: the checkpoints')")
     mk.add_argument("--seed", type=int, default=0)

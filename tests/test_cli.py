@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 
 TINY_QIPO = [
-    "experiment.default_dataset.id=energyflow/test-walker-v0", "experiment.default_dataset.steps_per_actor=[150,150,150]",
+    "experiment.default_dataset.id=energyflow/test-walker-v0", "experiment.default_dataset.steps_per_actor=[60,60,60,60,60,60]",
     "experiment.qipo.behaviour.steps=20", "experiment.qipo.critic.steps=20", "experiment.qipo.critic_states=256",
     "experiment.qipo.rounds=1", "experiment.qipo.round_steps=5", "experiment.qipo.round_states=64",
     "experiment.qipo.qgpo.steps=10", "experiment.qipo.hidden=32", "experiment.qipo.critic_hidden=32",

@@ -277,3 +277,17 @@ def test_make_mixed_dataset(store, tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         D.make_mixed_dataset("test/walker/mixed-v0", paths, 10, env_id="Walker2d-v5")
     assert not os.path.exists(os.path.join(os.environ["MINARI_DATASETS_PATH"], "test/walker/mixed-v0"))
+
+
+def test_make_mixed_dataset_with_random_actions(store, tmp_path):
+    """'random' in the actor list rolls out uniformly random actions (a replay buffer's exploratory
+    start, or on its own a D4RL-like random dataset), reproducibly and inside the action box."""
+    ds = D.make_mixed_dataset("test/hopper/random-mix-v0", [D.RANDOM_ACTOR], 30, env_id=ENV, seed=3,
+                              env_kwargs=ENV_KWARGS)
+    assert ds.total_steps == 30 and "random" in ds.storage.metadata["description"]
+    tr = D.load_minari("test/hopper/random-mix-v0")
+    expected = D.rollout(None, ENV, 30, seed=3, env_kwargs=ENV_KWARGS)
+    assert np.allclose(tr.actions.numpy(), np.concatenate([e.actions for e in expected]), atol=1e-6)
+    assert float(tr.actions.abs().max()) <= 1.0 and float(tr.actions.std()) > 0.4  # uniform on [-1, 1]: std 0.58
+    with pytest.raises(ValueError, match="env_id"):
+        D.make_mixed_dataset("test/hopper/random-mix-v1", [D.RANDOM_ACTOR], 10)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from minari.data_collector import EpisodeBuffer
 
 __all__ = [
+    "RANDOM_ACTOR",
     "REF_SCORES",
     "ref_scores_for",
     "Transitions",
@@ -559,12 +560,20 @@ def create_minari_dataset(dataset_id: str, episodes: Sequence["EpisodeBuffer"], 
         env.close()
 
 
+#: The name that stands for a uniformly random policy in :func:`make_mixed_dataset`'s actor list.
+RANDOM_ACTOR = "random"
+
+
 def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_actor: Union[Sequence[int], int],
                        env_id: Optional[str] = None, seed: int = 0, overwrite: bool = False,
                        env_kwargs: Optional[dict] = None, deterministic: bool = False,
                        description: Optional[str] = None) -> "MinariDataset":
     """Roll out each actor checkpoint (:func:`~domains.rl.behaviour.load_actor`) and store all episodes
     as one Minari dataset: a medium-replay-like mixture when the checkpoints span a training run.
+
+    An entry ``"random"`` (:data:`RANDOM_ACTOR`) instead of a path rolls out uniformly random
+    actions: on its own it makes a D4RL-like ``random`` dataset; in a mixture it plays the part of
+    a replay buffer's first, purely exploratory steps (SAC's ``learning_starts``).
 
     Episode seeds run consecutively from ``seed`` across actors; ``env_id`` defaults to the first
     checkpoint's.  Every checkpoint must fit the environment's spaces.
@@ -577,14 +586,17 @@ def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_ac
     steps = [int(steps_per_actor)] * len(actor_paths) if isinstance(steps_per_actor, int) else list(steps_per_actor)
     if len(steps) != len(actor_paths):
         raise ValueError(f"{len(actor_paths)} checkpoints but {len(steps)} step counts")
-    loaded = [load_actor(p) for p in actor_paths]
-    env_id = env_id or loaded[0][1]["env_id"]
+    loaded = [(None, {"env_id": env_id, "steps": 0, "eval_return": "random"}) if p == RANDOM_ACTOR else load_actor(p)
+              for p in actor_paths]
+    env_id = env_id or next((m["env_id"] for _, m in loaded if m.get("env_id")), None)
+    if env_id is None:
+        raise ValueError("env_id is required when every actor is 'random'")
     _check_writable(dataset_id, overwrite)  # before spending time on rollouts
     probe = gym.make(env_id, **(env_kwargs or {}))
     obs_dim, act_dim = int(np.prod(probe.observation_space.shape)), int(np.prod(probe.action_space.shape))
     probe.close()
-    for p, (_, meta) in zip(actor_paths, loaded):
-        if (meta["obs_dim"], meta["act_dim"]) != (obs_dim, act_dim):
+    for p, (actor, meta) in zip(actor_paths, loaded):
+        if actor is not None and (meta["obs_dim"], meta["act_dim"]) != (obs_dim, act_dim):
             raise ValueError(f"checkpoint {p} (obs {meta['obs_dim']}, act {meta['act_dim']}, env {meta.get('env_id')}) "
                              f"does not fit {env_id} (obs {obs_dim}, act {act_dim})")
     episodes: list = []

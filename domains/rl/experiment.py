@@ -79,16 +79,16 @@ class OfflineRLExperiment(Experiment):
 
     def ensure_default_dataset(self) -> str:
         """Build the default dataset from the shipped behaviour checkpoints if it is not in the store."""
-        from .datasets import _local_dataset_dir, make_mixed_dataset
+        from .datasets import RANDOM_ACTOR, _local_dataset_dir, make_mixed_dataset
 
         cfg = self.default_dataset
-        dataset_id = cfg.get("id", "energyflow/walker2d-mixed-v0")
+        dataset_id = cfg.get("id", "energyflow/walker2d-mixed-v1")
         if not os.path.isdir(os.path.join(str(_local_dataset_dir(dataset_id)), "data")):
             actors = cfg.get("actors") or []
             if not actors:
                 raise FileNotFoundError("the recipe's default_dataset lists no behaviour checkpoints (actors)")
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            paths = [a if os.path.isabs(a) else os.path.join(root, a) for a in actors]
+            paths = [a if os.path.isabs(a) or a == RANDOM_ACTOR else os.path.join(root, a) for a in actors]
             print(f"building {dataset_id} from {len(paths)} behaviour checkpoints (first run only)")
             make_mixed_dataset(dataset_id, paths, cfg.get("steps_per_actor", 25000), env_id=self.env_id,
                                seed=int(cfg.get("seed", 0)))
