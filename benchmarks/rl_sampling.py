@@ -5,7 +5,10 @@ QIPO-OT: Euler, 10 steps, no gradient.  QIPO-Diff: DPM-Solver, 15 steps.  QGPO: 
 behaviour model and DPM-Solver steps, plus a time-dependent energy network whose input gradient
 is added at every step (one forward and one backward pass more per step).
 
-usage: python benchmarks/rl_sampling.py [--states 256] [--reps 7] [--device auto]
+``--ot-steps 5`` also times QIPO-OT at fewer Euler steps (a trained QIPO-OT policy is nearly
+deterministic and its flow nearly straight; docs/qipo.md gives its score at 5 vs 10 steps).
+
+usage: python benchmarks/rl_sampling.py [--states 256] [--reps 7] [--device auto] [--ot-steps 5]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128, help="policy and QGPO energy-net width (recipe default 128)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ot-steps", type=int, nargs="*", default=[], help="extra Euler step counts for QIPO-OT")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -38,6 +42,8 @@ def main() -> None:
     qgpo = CEPGuidedPredictor(vp.predictor(), energy, scale=1.0)
     obs = torch.randn(args.states, 17, device=device)
     runs = {"qipo_ot": lambda: ot.act(obs), "qipo_diff": lambda: vp.act(obs), "qgpo": lambda: vp.act(obs, predictor=qgpo)}
+    for n in args.ot_steps:
+        runs[f"qipo_ot@{n}"] = lambda n=n: ot.clip(ot.sample(obs, 1, sampler={"steps": n})[:, 0])
     times = {k: [] for k in runs}
     for fn in runs.values():
         fn()
@@ -53,7 +59,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"device: {device}  states per call: {args.states}")
     for k in runs:
-        print(f"{k:10s} {med[k] * 1e6:9.1f} us per state   QGPO/{k} = {med['qgpo'] / med[k]:.2f}x")
+        print(f"{k:12s} {med[k] * 1e6:9.1f} us per state   QGPO/{k} = {med['qgpo'] / med[k]:.2f}x")
     print(f"QIPO-OT vs QGPO: {100 * (1 - med['qipo_ot'] / med['qgpo']):.0f}% less time (goal: >= 5x faster)")
 
 

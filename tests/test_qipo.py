@@ -110,3 +110,32 @@ def test_evaluation_protocol_with_a_scripted_policy():
     assert np.allclose(res.returns, returns)
     assert np.allclose(res.normalized, np.array(returns))  # (R − 0) / (100 − 0) × 100
     assert res.as_dict()["normalized_score"] == pytest.approx(float(np.mean(returns)))
+
+
+def test_changing_the_number_of_rounds_reads_a_prefix_or_continues(tmp_path):
+    """Rounds are a chain: fewer rounds read the cached prefix (no training, same policy), more rounds
+    continue from the last cached one and give what one long run gives."""
+    torch.set_num_threads(1)
+    data, _ = bandit()
+    long_dir, short_dir = tmp_path / "long", tmp_path / "short"
+    full = QIPO(data, tiny_config(rounds=3), str(long_dir), dataset_key="bandit", device="cpu", progress=False)
+    records = full.run_rounds(evaluate=lambda pol, r: {"reward": expected_reward(pol)})
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    round3 = full.rounds_stage.file("round3/policy.pt")
+    stamp = os.path.getmtime(round3)
+
+    prefix = QIPO(data, tiny_config(rounds=2), str(long_dir), dataset_key="bandit", device="cpu", progress=False)
+    assert prefix.rounds_stage.path == full.rounds_stage.path
+    calls = []
+    got = prefix.run_rounds(evaluate=lambda pol, r: calls.append(r) or {})
+    assert [r["round"] for r in got] == [0, 1, 2] and calls == []  # read from the cache, nothing trained
+    assert got[2]["reward"] == records[2]["reward"]
+    assert os.path.getmtime(round3) == stamp
+
+    # 2 rounds, then 3: the third continues the cached chain and equals the long run's
+    QIPO(data, tiny_config(rounds=2), str(short_dir), dataset_key="bandit", device="cpu", progress=False).run_rounds()
+    more = QIPO(data, tiny_config(rounds=3), str(short_dir), dataset_key="bandit", device="cpu", progress=False)
+    more.run_rounds()
+    a = torch.load(more.rounds_stage.file("round3/policy.pt"))
+    b = torch.load(round3)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

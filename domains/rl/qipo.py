@@ -110,7 +110,10 @@ class QIPO:
                                              "depth": c.critic_depth, "gamma": c.gamma, "alpha": c.alpha,
                                              "states": c.critic_states, "trainer": c.critic, "seed": c.seed},
                                   cache_dir, upstream=[self.behaviour_stage])
-        self.rounds_stage = Stage("rounds", {"beta": c.beta, "rounds": c.rounds, "round_steps": c.round_steps,
+        # The number of rounds is not part of the key: rounds form a chain (round r depends only on
+        # round r − 1 and its own seeds), so asking for fewer rounds reads a prefix of a cached run
+        # and asking for more continues it.
+        self.rounds_stage = Stage("rounds", {"beta": c.beta, "round_steps": c.round_steps,
                                              "round_states": c.round_states, "num_support": c.num_support,
                                              "trainer": c.round_trainer, "seed": c.seed},
                                   cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
@@ -209,6 +212,9 @@ class QIPO:
         """Run (or resume) the rounds; ``evaluate(policy, round)`` is called after each renewal
         (round 0 = the behaviour policy) and its metrics are stored in ``rounds.jsonl``.
 
+        Returns the records of rounds ``0..rounds``: when the cache holds a longer run, its prefix
+        (the policy of round ``rounds`` is the result); when it holds a shorter one, it is continued.
+
         Round ``r``'s weights are saved as ``round<r>/policy.pt`` *before* its record is appended,
         so a run killed anywhere resumes from the last recorded round."""
         mu = self.behaviour()
@@ -219,6 +225,8 @@ class QIPO:
         if os.path.exists(log_path):
             with open(log_path, encoding="utf-8") as f:
                 records = [json.loads(line) for line in f if line.strip()]
+        all_rounds = records
+        records = [rec for rec in records if rec["round"] <= self.cfg.rounds]  # a cached longer run: its prefix
         policy = mu
         if records:
             last = records[-1]["round"]
@@ -248,7 +256,7 @@ class QIPO:
                 record.update(evaluate(policy.eval(), r))
             records.append(record)
             self._append(log_path, record)
-        stage.finish({"rounds": len(records) - 1})
+        stage.finish({"rounds": max(len(records), len(all_rounds)) - 1})
         return records
 
     # -- the QGPO baseline --------------------------------------------------------------------------
