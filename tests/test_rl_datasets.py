@@ -289,5 +289,5 @@ def test_make_mixed_dataset_with_random_actions(store, tmp_path):
     expected = D.rollout(None, ENV, 30, seed=3, env_kwargs=ENV_KWARGS)
     assert np.allclose(tr.actions.numpy(), np.concatenate([e.actions for e in expected]), atol=1e-6)
     assert float(tr.actions.abs().max()) <= 1.0 and float(tr.actions.std()) > 0.4  # uniform on [-1, 1]: std 0.58
-    with pytest.raises(ValueError, match="env_id"):
+    with pytest.raises(ValueError, match="name the environment"):
         D.make_mixed_dataset("test/hopper/random-mix-v1", [D.RANDOM_ACTOR], 10)

@@ -590,7 +590,7 @@ def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_ac
               for p in actor_paths]
     env_id = env_id or next((m["env_id"] for _, m in loaded if m.get("env_id")), None)
     if env_id is None:
-        raise ValueError("env_id is required when every actor is 'random'")
+        raise ValueError("every actor is 'random': name the environment (env_id, or --env on the command line)")
     _check_writable(dataset_id, overwrite)  # before spending time on rollouts
     probe = gym.make(env_id, **(env_kwargs or {}))
     obs_dim, act_dim = int(np.prod(probe.observation_space.shape)), int(np.prod(probe.action_space.shape))

@@ -68,7 +68,7 @@ class QIPOConfig:
     critic_states: Optional[int] = 50000
     critic: dict = field(default_factory=lambda: {"steps": 25000, "batch_size": 256, "lr": 3e-4, "ema_decay": 0.995})
     beta: float = 1.0
-    rounds: int = 8
+    rounds: int = 4
     round_steps: int = 1000
     round_states: int = 32000
     round_trainer: dict = field(default_factory=lambda: {"batch_size": 1024, "lr": 1e-4, "ema_decay": 0.0})
