@@ -58,8 +58,10 @@ def figure(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
+    for i, r in enumerate(results):
         curves = [np.asarray(c, dtype=float) for c in r["curves"].values()]
         n = min(len(c) for c in curves)
         arr = np.stack([c[:n] for c in curves])
@@ -67,10 +69,11 @@ def figure(results: list[dict], path: str) -> None:
         x = np.arange(n)
         label = NAMES.get(r["algo"], r["algo"])
         if n == 1:  # BC / QGPO: one evaluation, drawn as a level across the plot
-            ax.axhline(mean[0], ls="--", label=f"{label} ({mean[0]:.1f})")
+            ax.axhline(mean[0], ls="--", color=f"C{i}", label=f"{label} ({mean[0]:.1f})")
             continue
-        ax.plot(x, mean, marker="o", label=label)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.plot(x, mean, marker="o", color=f"C{i}", label=label)
+        ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("QIPO round (0 = behaviour policy)")
     ax.set_ylabel("D4RL normalised score")
     ax.grid(alpha=0.3)

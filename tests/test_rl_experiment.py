@@ -84,7 +84,7 @@ def test_recipe_resumes_after_a_hard_kill_mid_stage(tmp_path):
     args = [sys.executable, "-m", "energyflow", "run", os.path.join(ROOT, "recipes", "qipo_walker.yaml"),
             "--run-dir", str(tmp_path / "run"), "device=cpu", "experiment.progress=false",
             "experiment.default_dataset.id=energyflow/test-walker-v0",
-            "experiment.default_dataset.steps_per_actor=[100,100,100]", "experiment.qipo.hidden=32",
+            "experiment.default_dataset.steps_per_actor=[60,60,60,60,60,60]", "experiment.qipo.hidden=32",
             "experiment.qipo.critic_hidden=32", "experiment.qipo.behaviour.steps=3000",
             "+experiment.qipo.checkpoint_every=50", "experiment.qipo.critic.steps=20",
             "experiment.qipo.critic_states=128", "experiment.qipo.rounds=1", "experiment.qipo.round_steps=5",
