@@ -118,7 +118,8 @@ class OfflineRLExperiment(Experiment):
             res = evaluate_policy(lambda obs: policy.act(obs.to(policy.obs_mean.device), g, predictor=predictor),
                                   self.env_id, self.eval_episodes, self.eval_seed,
                                   data.ref_min_score, data.ref_max_score)
-            print(f"  round {rnd}: normalised score {res.score_mean:.1f} ± {res.score_std:.1f}")
+            where = f"round {rnd}" if rnd >= 0 else "final policy"
+            print(f"  {where}: normalised score {res.score_mean:.1f} ± {res.score_std:.1f}")
             return {**res.as_dict(), "eval_seconds": round(time.perf_counter() - start, 2)}
 
         return evaluate
