@@ -48,6 +48,11 @@ class TwinQ(nn.Module):
         q1, q2 = self(obs, act)
         return torch.minimum(q1, q2)
 
+    def min_q_groups(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """min(Q1, Q2) ``[B, M]`` of M actions per state: ``obs`` [B, o], ``actions`` [B, M, a]."""
+        b, m, a = actions.shape
+        return self.min_q(obs.repeat_interleave(m, dim=0), actions.reshape(b * m, a)).view(b, m)
+
 
 class InSupportCriticLoss:
     """Objective for the trainer: batch keys ``obs`` [B,o] (normalised), ``x1`` (actions, clipped),
@@ -66,10 +71,8 @@ class InSupportCriticLoss:
         if self.target is None:
             raise RuntimeError("InSupportCriticLoss.target is not set (use the trainer's EMA model)")
         obs, act, support = batch["obs"], batch["x1"], batch["support"]
-        b, m, a = support.shape
         with torch.no_grad():
-            next_obs = batch["next_obs"].repeat_interleave(m, dim=0)
-            q_next = self.target.min_q(next_obs, support.reshape(b * m, a)).view(b, m)
+            q_next = self.target.min_q_groups(batch["next_obs"], support)
             w = torch.softmax(self.alpha * q_next, dim=1)
             v_next = (w * q_next).sum(1)
             y = batch["reward"] + self.gamma * (1.0 - batch["terminal"]) * v_next

@@ -79,9 +79,9 @@ class GenerativePolicy(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: Tensor, generator: Optional[torch.Generator] = None,
-            predictor: Optional[Predictor] = None) -> Tensor:
-        """Clipped actions ``[B, act_dim]`` to execute."""
-        return self.clip(self.sample(obs, 1, generator, predictor=predictor)[:, 0])
+            predictor: Optional[Predictor] = None, sampler: Optional[dict] = None) -> Tensor:
+        """Clipped actions ``[B, act_dim]`` to execute (``sampler`` overrides the policy's, e.g. fewer steps)."""
+        return self.clip(self.sample(obs, 1, generator, sampler=sampler, predictor=predictor)[:, 0])
 
     def config(self) -> dict[str, Any]:
         return {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "path": self.path_name,

@@ -204,7 +204,7 @@ class QIPO:
         actions = self.sample_in_chunks(policy, obs, m, generator)  # unclipped: what π is trained on
         obs_n = self._norm(obs)
         with torch.no_grad():
-            q = critic.min_q(obs_n.repeat_interleave(m, 0), policy.clip(actions).reshape(-1, d.act_dim)).view(-1, m)
+            q = critic.min_q_groups(obs_n, policy.clip(actions))
         return {"x1": actions.cpu(), "cond": obs_n.unsqueeze(1).expand(-1, m, -1).cpu(),
                 "energy": (-standardize_within_groups(q)).cpu(), "q": q.cpu()}
 
@@ -282,8 +282,7 @@ class QIPO:
             obs_n = self._norm(self.data.next_observations[idx])
             m = self.cfg.num_support
             with torch.no_grad():
-                qv = torch.cat([critic.min_q(obs_n[i:i + 4096].to(self.device).repeat_interleave(m, 0),
-                                             support[i:i + 4096].reshape(-1, self.data.act_dim).to(self.device)).view(-1, m).cpu()
+                qv = torch.cat([critic.min_q_groups(obs_n[i:i + 4096].to(self.device), support[i:i + 4096].to(self.device)).cpu()
                                 for i in range(0, n, 4096)])
             source = TensorBatchSource({"x1": support, "cond": obs_n.unsqueeze(1).expand(-1, m, -1),
                                         "energy": -standardize_within_groups(qv)}, group_size=m)
