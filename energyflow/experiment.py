@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .runtime import atomic_torch_save
+from .files import atomic_torch_save, load_torch, write_json
 
 __all__ = ["Experiment", "save_model", "load_model_state", "write_json"]
 
@@ -61,14 +61,4 @@ def load_model_state(run_dir: str, name: str, map_location: Any = "cpu") -> dict
         folder = os.path.join(run_dir, "models")
         have = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
         raise FileNotFoundError(f"no model {name!r} in {run_dir}; available: {have or 'none (did the run finish?)'}")
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Write JSON atomically (a unique temporary file in the same folder, then rename)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    return load_torch(path, what="model file", map_location=map_location)

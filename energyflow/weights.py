@@ -1,7 +1,8 @@
 """Self-normalised energy weights w = softmax(−β·E), over the batch or within groups.
 
-All computations happen in log space (``logits − logsumexp``), so energies of ±1e4 and β of 100
-give exact, finite weights.  The effective sample size ``ESS = 1 / Σ w²`` (per group) is the
+All computations happen in log space, and the maximum logit is subtracted *before* the
+log-sum-exp: the largest weight's shifted logit is exactly 0, so the weights stay normalised (to
+1e-12) whatever the energies' magnitude — ±1e30, or ties at the minimum energy.  The effective sample size ``ESS = 1 / Σ w²`` (per group) is the
 diagnostic to watch: ESS near 1 means a single sample carries the batch.
 
 Under ``torch.distributed`` (data-parallel training), whole-batch weights can be normalised over
@@ -10,6 +11,7 @@ single process would compute on the concatenated batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,8 +72,8 @@ def energy_weights(
     """
     if energies.dim() != 1:
         raise ValueError(f"energies must have shape [B], got {tuple(energies.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
     if nonfinite not in ("raise", "mask"):
         raise ValueError(f"nonfinite must be 'raise' or 'mask', got {nonfinite!r}")
     energies = energies.detach()
@@ -86,7 +88,7 @@ def energy_weights(
     if group_size is not None:
         if group_size < 1 or energies.numel() % group_size:
             raise ValueError(f"batch of {energies.numel()} is not a multiple of group_size={group_size}")
-        grouped = logits.view(-1, group_size)
+        grouped = _shift_by_max(logits.view(-1, group_size), dim=1)
         lse = torch.logsumexp(grouped, dim=1, keepdim=True)
         if masked and bool(torch.isinf(lse).any()):
             raise ValueError(f"{int(torch.isinf(lse).sum())} group(s) have no finite energy: cannot normalise their weights")
@@ -95,10 +97,17 @@ def energy_weights(
         ess = effective_sample_size(w.view(-1, group_size)).mean()
         size, groups = group_size, grouped.shape[0]
     else:
-        lse = torch.logsumexp(logits, dim=0)
         sq_term = None
+        distributed = global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:  # shift by the global maximum, so every rank's logits are on one scale
+            top = logits.max()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            logits = logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        else:
+            logits = _shift_by_max(logits, dim=0)
+        lse = torch.logsumexp(logits, dim=0)
         size = energies.numel()
-        if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             all_lse = [torch.zeros_like(lse) for _ in range(dist.get_world_size())]
             dist.all_gather(all_lse, lse)
             lse = torch.logsumexp(torch.stack(all_lse), dim=0)
@@ -121,3 +130,13 @@ def energy_weights(
         ess_fraction=(ess / size).to(dtype),
         num_groups=groups,
     )
+
+
+def _shift_by_max(logits: Tensor, dim: int) -> Tensor:
+    """``logits − max`` along ``dim`` (rows whose maximum is −inf, i.e. all masked, are left as they are).
+
+    After the shift the largest logit is exactly 0 and ``logsumexp`` is in [0, log n], so
+    ``logits − logsumexp`` keeps full precision even for |β·E| of 1e30 and for ties at the maximum.
+    """
+    top = logits.amax(dim=dim, keepdim=True)
+    return logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
