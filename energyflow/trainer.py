@@ -13,12 +13,13 @@ resumed run continues exactly where the checkpoint left off.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .data import BatchSource
-from .runtime import DistInfo, atomic_torch_save, init_distributed, resolve_device, seed_everything, set_threads
+from .errors import CorruptFileError, InputError
+from .files import atomic_torch_save, load_torch
+from .runtime import DistInfo, init_distributed, resolve_device, seed_everything, set_threads
 from .tracking import MetricLogger
 
 __all__ = ["TrainerConfig", "Trainer", "EvalHook"]
@@ -53,12 +56,21 @@ class TrainerConfig:
         seed: seeds the data and noise generators (seed the model's initialisation yourself, before
             building it, e.g. with :func:`energyflow.runtime.seed_everything`).
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1"...
-        num_threads: torch intra-op threads (``None``: torch's default).
+        num_threads: torch intra-op threads: an integer, ``"auto"`` (the CPUs this process may use,
+            divided among the data-parallel processes of this machine) or ``None`` (torch's default).
         log_every, eval_every, checkpoint_every: periods in steps (0 disables eval/checkpoints;
             a final checkpoint is always written).
         progress: show a tqdm progress bar (main process only).
         tensorboard: also write tensorboard event files.
-        resume: continue from ``<out_dir>/checkpoint.pt`` when it exists.
+        resume: continue from ``<out_dir>/checkpoint.pt`` when it exists.  The checkpoint's stored
+            config must match this one in every field that changes the result (all but the
+            logging, device and thread settings), else the trainer refuses it.
+        min_ess_fraction: warn (once, on stderr and as ``<name>/ess_warning`` in the log) when the
+            weights' effective sample size falls below this fraction of the batch (0 disables);
+            see :func:`energyflow.weights.energy_weights`.
+
+    Every value is checked when the config is built; a bad one raises
+    :class:`~energyflow.errors.InputError` naming the setting.
     """
 
     steps: int = 1000
@@ -79,6 +91,78 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True
     resume: bool = True
+    min_ess_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            setattr(self, name, _integer(self, name, minimum=1))
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            setattr(self, name, _integer(self, name, minimum=0))
+        self.seed = _integer(self, "seed", minimum=None)
+        self.lr = _number(self, "lr", low=0.0, low_inclusive=False)
+        self.weight_decay = _number(self, "weight_decay", low=0.0)
+        self.ema_decay = _number(self, "ema_decay", low=0.0, high=1.0)
+        self.min_ess_fraction = _number(self, "min_ess_fraction", low=0.0, high=1.0, high_inclusive=True)
+        if self.grad_clip is not None:
+            self.grad_clip = _number(self, "grad_clip", low=0.0)
+        betas = self.adam_betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+            raise InputError(f"trainer setting 'adam_betas' must be two numbers in [0, 1), got {betas!r}")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"trainer setting 'lr_schedule' must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.num_threads is not None and self.num_threads != "auto":
+            self.num_threads = _integer(self, "num_threads", minimum=1)
+        if not isinstance(self.device, str) or not self.device:
+            raise InputError(f"trainer setting 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("progress", "tensorboard", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"trainer setting {name!r} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any], where: str = "trainer") -> "TrainerConfig":
+        """Build from a recipe's dict; unknown keys and bad values raise an
+        :class:`~energyflow.errors.InputError` that names the recipe node ``where``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise InputError(f"{where}: unknown trainer setting(s) {unknown}; valid: {sorted(known)}")
+        try:
+            return cls(**settings)
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+
+    def result_fields(self) -> dict[str, Any]:
+        """The settings that change the trained weights (what a resumed checkpoint must match)."""
+        return {k: v for k, v in asdict(self).items() if k not in _NON_RESULT_FIELDS}
+
+
+_NON_RESULT_FIELDS = frozenset({"device", "num_threads", "log_every", "eval_every", "checkpoint_every", "progress",
+                                "tensorboard", "resume", "min_ess_fraction"})
+
+
+def _integer(config: Any, name: str, minimum: Optional[int]) -> int:
+    value = getattr(config, name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        raise InputError(f"trainer setting {name!r} must be {need}, got {value!r}")
+    return value
+
+
+def _number(config: Any, name: str, low: float, high: float = math.inf, low_inclusive: bool = True,
+            high_inclusive: bool = False) -> float:
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
+    if not ok:
+        lo = f"{'[' if low_inclusive else '('}{low:g}"
+        hi = f"{high:g}{']' if high_inclusive else ')'}" if math.isfinite(high) else "inf)"
+        raise InputError(f"trainer setting {name!r} must be a finite number in {lo}, {hi}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -108,11 +192,11 @@ class Trainer:
                  config: TrainerConfig | dict | None = None, out_dir: Optional[str] = None,
                  hooks: Sequence[EvalHook] = (), name: str = "train"):
         if isinstance(config, dict):
-            config = TrainerConfig(**config)
+            config = TrainerConfig.from_dict(config)
         self.config = config or TrainerConfig()
         c = self.config
-        set_threads(c.num_threads)
         self.device = resolve_device(c.device)
+        set_threads(c.num_threads)
         self.dist: DistInfo = init_distributed(self.device)
         if c.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the world size {self.dist.world_size}")
@@ -137,6 +221,7 @@ class Trainer:
         self.noise_generator = torch.Generator().manual_seed(c.seed + 1)
         self.step = 0
         self.logger: Optional[MetricLogger] = None
+        self._ess_warned = False
 
     # -- helpers -------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -175,6 +260,20 @@ class Trainer:
             vals = vals / self.dist.world_size
         vals = vals.cpu()
         return {f"{self.name}/{k}": float(v) for k, v in zip(keys, vals)}
+
+    def _check_ess(self, metrics: dict[str, float]) -> None:
+        """Warn once when the window's mean ESS fraction is below ``config.min_ess_fraction``."""
+        frac = metrics.get(f"{self.name}/ess_fraction")
+        threshold = self.config.min_ess_fraction
+        if frac is None or not threshold or frac >= threshold:
+            return
+        metrics[f"{self.name}/ess_warning"] = 1.0
+        if not self._ess_warned and self.dist.is_main:
+            self._ess_warned = True
+            print(f"warning: {self.name} at step {self.step}: the energy weights' effective sample size is "
+                  f"{frac:.2%} of the batch (< {threshold:.0%}): a few samples carry each batch, so the fit to the "
+                  f"tilted target is unreliable. Lower beta, raise the batch size, or tilt iteratively "
+                  f"(energyflow.iterative).", file=sys.stderr, flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @property
@@ -216,8 +315,21 @@ class Trainer:
         if not (self.config.resume and path and os.path.exists(path)):
             return False
         # On the CPU: generator states must stay CPU ByteTensors; load_state_dict moves the rest.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.load_state_dict(state)
+        state = load_torch(path, what="trainer checkpoint", map_location="cpu")
+        if not isinstance(state, dict) or not {"step", "model", "optimizer", "config"} <= set(state):
+            raise CorruptFileError(f"trainer checkpoint {path} lacks the step, model, optimizer or config entries")
+        stored = TrainerConfig.from_dict(state["config"], where=f"config stored in {path}").result_fields()
+        current = self.config.result_fields()
+        changed = sorted(k for k in current if stored.get(k) != current[k])
+        if changed:
+            detail = ", ".join(f"{k}: {stored.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise InputError(f"refusing to resume from {path}: it was trained with other settings ({detail}); "
+                             f"use another output folder or delete the checkpoint")
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CorruptFileError(f"trainer checkpoint {path} does not fit this model or optimiser "
+                                   f"({str(err).splitlines()[0][:200]})") from None
         return True
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -268,37 +380,45 @@ class Trainer:
                    dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         sums: dict[str, Any] = {}
         count, last, start = 0, {}, time.perf_counter()
-        previous_handler = _install_sigterm_handler()
+        stop = _StopRequest()
         try:
-            while self.step < c.steps:
-                t0 = time.perf_counter()
-                metrics = self.train_step()
-                metrics["step_seconds"] = time.perf_counter() - t0
-                for k, v in metrics.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                count += 1
-                bar.update(1)
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    last = self._reduce_metrics(sums, count)
-                    last[f"{self.name}/lr"] = self.scheduler.get_last_lr()[0]
-                    sums, count = {}, 0
-                    if self.logger is not None:
-                        self.logger.log(self.step, last)
-                    bar.set_postfix(loss=f"{last.get(f'{self.name}/loss', float('nan')):.4g}")
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
-                    self.evaluate()
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with stop.installed():
+                while self.step < c.steps:
+                    t0 = time.perf_counter()
+                    metrics = self.train_step()
+                    metrics["step_seconds"] = time.perf_counter() - t0
+                    for k, v in metrics.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    count += 1
+                    bar.update(1)
+                    if self.step % c.log_every == 0 or self.step == c.steps:
+                        last = self._reduce_metrics(sums, count)
+                        last[f"{self.name}/lr"] = self.scheduler.get_last_lr()[0]
+                        sums, count = {}, 0
+                        self._check_ess(last)
+                        if self.logger is not None:
+                            self.logger.log(self.step, last)
+                        bar.set_postfix(loss=f"{last.get(f'{self.name}/loss', float('nan')):.4g}")
+                    if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                        self.evaluate()
+                    if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if stop.agreed(self.dist, self.device):  # a step boundary: the checkpoint is exact
+                        self.save_checkpoint()
+                        raise KeyboardInterrupt(f"signal {stop.signum}")
+                self.save_checkpoint()
+                if stop.signum is not None:  # asked to stop during the last step: the run is complete
+                    raise KeyboardInterrupt(f"signal {stop.signum}")
         except KeyboardInterrupt:
-            self.save_checkpoint()
             if self.dist.is_main:
-                print(f"\ninterrupted at step {self.step}: checkpoint saved, rerun to resume")
+                where = "checkpoint saved" if stop.signum is not None and self.checkpoint_path else "no new checkpoint"
+                print(f"\ninterrupted at step {self.step} ({where}); rerun to resume", file=sys.stderr)
             raise
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-        self.save_checkpoint()
+            if self.logger is not None and stop.signum is not None:
+                self.logger.close()
+                self.logger = None
         if self.hooks:
             last.update(self.evaluate())
         if self.logger is not None:
@@ -307,13 +427,45 @@ class Trainer:
         return TrainResult(step=self.step, metrics=last, seconds=time.perf_counter() - start)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopRequest:
+    """SIGINT / SIGTERM handling for the training loop.
 
+    The first signal only sets a flag: the loop finishes the step it is in, writes a checkpoint at
+    that step boundary and stops, so resuming is exactly the uninterrupted run (as after a hard
+    kill at a checkpoint).  A second signal interrupts at once (the last checkpoint stays valid).
+    Under data parallelism the ranks agree on the flag every step (one tiny all-reduce), so they
+    all stop at the same step.  Handlers are installed only in the main thread.
+    """
 
-def _install_sigterm_handler():
-    """Turn SIGTERM into KeyboardInterrupt (so a killed job checkpoints); main thread only."""
-    try:
-        return signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    except ValueError:  # not the main thread
-        return None
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.signum = signum
+        print(f"\nsignal {signum}: stopping after this step (again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+    def agreed(self, info: DistInfo, device: torch.device) -> bool:
+        """Whether any rank has been asked to stop."""
+        if not info.enabled:
+            return self.signum is not None
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.signum is None:
+            self.signum = signal.SIGTERM
+        return bool(flag.item() > 0)

@@ -114,3 +114,78 @@ def test_trainer_checks_group_divisibility():
     with pytest.raises(ValueError, match="whole groups"):
         Trainer(net, EnergyWeightedLoss(CondOTPath(), 1.0, group_size=16), data,
                 TrainerConfig(steps=1, batch_size=40, device="cpu"))
+
+
+def _flat(state):
+    """Every tensor of a (nested) state dict, flattened in a stable order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _flat(state[k])]
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_signal_mid_step_resumes_bit_identically(tmp_path, sig):
+    """SIGTERM / SIGINT arriving inside a step: the trainer finishes that step, checkpoints at the
+    boundary and exits; the resumed run ends with exactly the weights, EMA and optimiser state of an
+    uninterrupted run (the checkpoint period, 1000, is never reached)."""
+    script = os.path.join(os.path.dirname(__file__), "_signal_train.py")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    _run([sys.executable, script, str(full), "30"])
+    proc = _run([sys.executable, script, str(stopped), "30", "--signal-at", "13", "--signal", sig], check=False)
+    assert proc.returncode != 0 and "stopping after this step" in proc.stderr
+    assert not (stopped / "final.pt").exists()
+    from energyflow.files import load_torch
+
+    assert load_torch(stopped / "checkpoint.pt")["step"] == 13  # the step in flight was completed
+    _run([sys.executable, script, str(stopped), "30"])
+    a, b = torch.load(full / "final.pt"), torch.load(stopped / "final.pt")
+    for x, y in zip(_flat(a), _flat(b), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_trainer_config_rejects_bad_values_with_the_setting_named():
+    from energyflow.errors import InputError
+
+    for bad, key in [({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"steps": "abc"}, "steps"),
+                     ({"batch_size": 0}, "batch_size"), ({"log_every": 0}, "log_every"),
+                     ({"lr": float("nan")}, "lr"), ({"lr": -1.0}, "lr"), ({"ema_decay": 1.0}, "ema_decay"),
+                     ({"grad_clip": float("inf")}, "grad_clip"), ({"lr_schedule": "linear"}, "lr_schedule"),
+                     ({"adam_betas": [0.9]}, "adam_betas"), ({"num_threads": 0}, "num_threads"),
+                     ({"progress": "yes"}, "progress"), ({"stepz": 3}, "stepz")]:
+        with pytest.raises(InputError, match=key):
+            TrainerConfig.from_dict(bad, where="experiment.trainer")
+    assert TrainerConfig(steps=1e3).steps == 1000 and TrainerConfig(num_threads="auto").num_threads == "auto"
+
+
+def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
+    from energyflow.errors import InputError
+
+    def trainer(**cfg):
+        torch.manual_seed(0)
+        return Trainer(MLPField(2, hidden=8, depth=1), FlowMatchingLoss(CondOTPath()),
+                       TensorBatchSource({"x1": torch.randn(64, 2)}),
+                       TrainerConfig(**{"steps": 4, "batch_size": 16, "progress": False, "device": "cpu",
+                                        "tensorboard": False, **cfg}), out_dir=str(tmp_path))
+
+    trainer().fit()
+    assert trainer(log_every=1, progress=True).fit().step == 4  # logging settings may differ
+    with pytest.raises(InputError, match=r"lr: 0\.001 -> 0\.01"):
+        trainer(lr=1e-2).fit()
+
+
+def test_low_ess_is_reported_and_warned_once(tmp_path, capsys):
+    from energyflow.energies import FunctionEnergy
+    from energyflow.losses import EnergyWeightedLoss
+
+    torch.manual_seed(0)
+    data = TensorBatchSource({"x1": torch.randn(4096, 2)})
+    loss = EnergyWeightedLoss(CondOTPath(), beta=20.0, energy=FunctionEnergy(lambda x: x[:, 0]))
+    cfg = TrainerConfig(steps=4, batch_size=256, log_every=2, progress=False, device="cpu", tensorboard=False)
+    Trainer(MLPField(2, hidden=8, depth=1), loss, data, cfg, out_dir=str(tmp_path)).fit()
+    err = capsys.readouterr().err
+    assert err.count("effective sample size") == 1
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert all(r["train/ess_warning"] == 1.0 and r["train/ess_fraction"] < 0.01 for r in rows if "train/loss" in r)
