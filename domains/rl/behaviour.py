@@ -3,19 +3,37 @@ dependency-free squashed-Gaussian actor that replays the saved weights.
 
 Checkpoints hold the *actor only* (a few hundred KB): enough to roll out stochastic actions, which
 is all dataset generation needs.  Stable-Baselines3 is needed to train, not to roll out.
+
+A checkpoint is a weights-only torch file ``{"actor": state_dict, "meta": {...}}`` whose meta holds
+plain Python values only, so it is read with ``torch.load(weights_only=True)``
+(:func:`energyflow.files.load_torch`): loading one never runs code.  The Walker2d-v5 checkpoints
+that build the default dataset ship inside the package, in ``domains/rl/behaviour_checkpoints/``
+(see its README); :func:`resolve_actor_path` finds them by file name.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SquashedGaussianActor", "train_sac", "load_actor"]
+from energyflow.errors import CorruptFileError, InputError
+from energyflow.files import append_jsonl, atomic_torch_save, load_torch
+
+__all__ = ["SquashedGaussianActor", "train_sac", "load_actor", "CHECKPOINT_DIR", "shipped_checkpoints",
+           "resolve_actor_path"]
+
+#: The folder of the behaviour checkpoints shipped with the package (package data, so it exists in
+#: wheel installs as well as in the source tree).
+CHECKPOINT_DIR: Path = Path(__file__).resolve().parent / "behaviour_checkpoints"
+
+# Where the shipped checkpoints lived before they became package data; configs saved by earlier
+# runs name them there, and such paths still resolve to the shipped files.
+_LEGACY_DIR = ("assets", "behaviour")
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
@@ -53,24 +71,95 @@ class SquashedGaussianActor(nn.Module):
         return self.low + (a + 1.0) * 0.5 * (self.high - self.low)
 
 
-def load_actor(path: str, map_location: str = "cpu") -> tuple[SquashedGaussianActor, dict]:
-    """Load an actor checkpoint written by :func:`train_sac`; returns ``(actor, meta)``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no behaviour-policy checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    meta = state["meta"]
+def shipped_checkpoints() -> dict[str, Path]:
+    """The shipped behaviour checkpoints: file name (``walker2d_sac_020k.pt``) → path."""
+    if not CHECKPOINT_DIR.is_dir():  # pragma: no cover - a broken install
+        return {}
+    return {p.name: p for p in sorted(CHECKPOINT_DIR.glob("*.pt"))}
+
+
+def resolve_actor_path(spec: str | os.PathLike) -> str:
+    """The file an actor reference names.
+
+    ``spec`` is a path to a checkpoint (absolute, or relative to the working directory), or the file
+    name of a shipped checkpoint (``walker2d_sac_020k.pt``, see :data:`CHECKPOINT_DIR`), which is how
+    recipes name them so that they work from any directory and in wheel installs.  A path into the
+    former ``assets/behaviour/`` folder that no longer exists resolves to the shipped file of the
+    same name.
+
+    Raises:
+        InputError: no such file and no shipped checkpoint of that name.
+    """
+    spec = os.fspath(spec)
+    if os.path.isfile(spec):
+        return spec
+    head, name = os.path.split(spec)
+    shipped = shipped_checkpoints()
+    legacy = tuple(Path(head).parts[-2:]) == _LEGACY_DIR
+    if name in shipped and (not head or legacy):
+        return str(shipped[name])
+    names = ", ".join(shipped) or "none"
+    raise InputError(f"behaviour-policy checkpoint not found: {spec} (expected a checkpoint file written by "
+                     f"'energyflow data train-behaviour', or the name of a shipped one: {names})")
+
+
+def _checked_meta(meta, path: str) -> dict:
+    """The checkpoint's ``meta`` dict, with every field the actor needs checked (one-line errors)."""
+    where = f"behaviour-policy checkpoint {path}"
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{where}: key 'meta' must be a dict of plain values, got {type(meta).__name__}")
+    for key in ("obs_dim", "act_dim"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
+            raise CorruptFileError(f"{where}: meta[{key!r}] must be a positive integer, got {meta.get(key)!r}")
+    hidden = meta.get("hidden")
+    if not isinstance(hidden, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise CorruptFileError(f"{where}: meta['hidden'] must be a list of positive layer widths, got {hidden!r}")
+    for key in ("low", "high"):
+        box = meta.get(key)
+        if (not isinstance(box, (list, tuple)) or len(box) != meta["act_dim"]
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):
+            raise CorruptFileError(f"{where}: meta[{key!r}] must be {meta['act_dim']} finite numbers (the action "
+                                   f"box), got {box!r}")
+    return meta
+
+
+def load_actor(path: str | os.PathLike, map_location: str = "cpu") -> tuple[SquashedGaussianActor, dict]:
+    """Load an actor checkpoint written by :func:`train_sac`; returns ``(actor, meta)``.
+
+    ``path`` goes through :func:`resolve_actor_path` (a file, or a shipped checkpoint's name).  The
+    file is read weights-only (nothing in it can run code) and checked: a missing, truncated or
+    foreign file, a missing ``actor``/``meta`` key, a bad meta field or weights that do not fit the
+    meta raise an :class:`~energyflow.errors.InputError` naming the file and the key.
+    """
+    path = resolve_actor_path(path)
+    what = "behaviour-policy checkpoint"
+    state = load_torch(path, what=what, map_location=map_location)
+    if not isinstance(state, dict) or not {"actor", "meta"} <= set(state):
+        have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CorruptFileError(f"{what} {path} must hold the keys 'actor' (a state dict) and 'meta' (a dict); "
+                               f"it has {have}")
+    meta = _checked_meta(state["meta"], path)
+    weights = state["actor"]
+    if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise CorruptFileError(f"{what} {path}: key 'actor' must be a state dict (parameter name → tensor)")
     actor = SquashedGaussianActor(meta["obs_dim"], meta["act_dim"], meta["hidden"], meta["low"], meta["high"])
-    actor.load_state_dict(state["actor"])
+    try:
+        actor.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CorruptFileError(f"{what} {path}: key 'actor' does not fit meta (obs_dim {meta['obs_dim']}, act_dim "
+                               f"{meta['act_dim']}, hidden {list(meta['hidden'])}): {detail}") from None
+    if not all(torch.isfinite(t).all() for t in actor.state_dict().values()):
+        raise CorruptFileError(f"{what} {path}: key 'actor' holds NaN or infinite weights")
     return actor.eval(), meta
 
 
 def _export_actor(model, path: str, meta: dict) -> None:
-    from energyflow.runtime import atomic_torch_save
-
+    """Save SB3's actor as a weights-only checkpoint (plain state dict + plain-Python meta), atomically."""
     sd = {k: v.detach().cpu().clone() for k, v in model.policy.actor.state_dict().items()
           if k.startswith(("latent_pi", "mu", "log_std"))}
     space = model.action_space
-    full = {**meta, "low": space.low.tolist(), "high": space.high.tolist()}
+    full = {**meta, "low": [float(v) for v in space.low], "high": [float(v) for v in space.high]}
     actor = SquashedGaussianActor(full["obs_dim"], full["act_dim"], full["hidden"], full["low"], full["high"])
     actor.load_state_dict(sd, strict=False)
     atomic_torch_save({"actor": actor.state_dict(), "meta": full}, path)
@@ -119,8 +208,7 @@ def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int
                        "return_std": float(np.std(returns)), "seconds": round(time.time() - start, 1), "path": path}
                 _export_actor(model, path, {**meta, "steps": self.num_timesteps, "eval_return": rec["return_mean"]})
                 records.append(rec)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_jsonl(log_path, rec)
             return True
 
     model.learn(total_timesteps=total_steps, callback=Checkpoint())

@@ -9,15 +9,26 @@ Conventions:
     * Minari datasets live in the local store ``$MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``);
       ids look like ``namespace/name-v0`` (Minari requires the ``-vN`` version).
 
+Bad input fails early with one line naming the file or key (:class:`~energyflow.errors.InputError`
+subclasses, which the CLI prints without a traceback): a file that is not HDF5, arrays of different
+lengths, NaN/inf values, a missing key, an unknown environment id, a corrupt Minari dataset.
+
+Writing a Minari dataset is all-or-nothing: it is built in a hidden staging folder inside the store
+and renamed into place only when complete, so an error, a full disk or Ctrl-C leaves the store as
+it was (with ``overwrite=True``, the old dataset stays until the new one is complete).
+
 Only numpy and torch are imported at module load; gymnasium, minari and h5py are imported when a
 function needs them (the ``rl`` extra), with a clear error when they are missing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
 import shutil
+import socket
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -26,12 +37,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from energyflow.errors import CorruptFileError, InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import gymnasium as gym
     from minari import MinariDataset
     from minari.data_collector import EpisodeBuffer
 
 __all__ = [
+    "DatasetNotFoundError",
+    "DatasetExistsError",
+    "InvalidDatasetError",
+    "UnknownEnvironmentError",
+    "make_env",
     "RANDOM_ACTOR",
     "REF_SCORES",
     "ref_scores_for",
@@ -60,6 +78,23 @@ _CREATE_HINT = (
 )
 
 
+class DatasetNotFoundError(InputError, FileNotFoundError):
+    """A dataset file or Minari id that is not there (also a ``FileNotFoundError``)."""
+
+
+class DatasetExistsError(InputError, FileExistsError):
+    """A Minari id that already exists, written without ``overwrite`` (also a ``FileExistsError``)."""
+
+
+class InvalidDatasetError(CorruptFileError):
+    """A dataset that exists but cannot be used: not the expected format, a missing key, arrays of
+    different lengths, NaN/inf values."""
+
+
+class UnknownEnvironmentError(InputError):
+    """An environment id that Gymnasium does not know."""
+
+
 def _require_minari():
     try:
         import minari
@@ -82,6 +117,25 @@ def _require_h5py():
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("reading D4RL HDF5 files needs h5py: pip install h5py") from err
     return h5py
+
+
+def make_env(env_id: str, **kwargs: Any) -> "gym.Env":
+    """``gym.make(env_id, **kwargs)``, with an unknown id reported as one line.
+
+    Raises:
+        UnknownEnvironmentError: Gymnasium does not know ``env_id`` (wrong name, namespace or version,
+            or a dependency of the environment that is missing).
+    """
+    gym = _require_gym()
+    if not isinstance(env_id, str) or not env_id:
+        raise UnknownEnvironmentError(f"unknown environment id {env_id!r}: expected a Gymnasium id such as "
+                                      f"'Walker2d-v5'")
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UnknownEnvironmentError(f"unknown environment id {env_id!r}: expected a registered Gymnasium id "
+                                      f"such as 'Walker2d-v5' (gymnasium: {reason})") from None
 
 
 def ref_scores_for(env_id: str) -> tuple[float, float]:
@@ -277,6 +331,27 @@ class Transitions:
 
 
 # ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_finite(source: str, **arrays: np.ndarray) -> None:
+    """Raise :class:`InvalidDatasetError` naming ``source`` and the first array holding NaN or inf."""
+    for key, values in arrays.items():
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))[0]) if values.ndim else 0
+            raise InvalidDatasetError(f"{source}: key {key!r} holds {int(bad.sum())} NaN/inf values (first in row "
+                                      f"{row}); every value must be finite")
+
+
+def _as_float_array(source: str, key: str, values: Any) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InvalidDatasetError(f"{source}: key {key!r} is not numeric ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -313,7 +388,7 @@ def load_minari(dataset_id: str, download: bool = False) -> Transitions:
     data_path = _local_dataset_dir(dataset_id) / "data"
     if not data_path.exists():
         if not download:
-            raise FileNotFoundError(_missing_message(dataset_id))
+            raise DatasetNotFoundError(_missing_message(dataset_id))
         try:
             minari.download_dataset(dataset_id)
         except Exception as err:
@@ -321,30 +396,73 @@ def load_minari(dataset_id: str, download: bool = False) -> Transitions:
                                f"to the Farama/Hugging Face servers): {type(err).__name__}: {err}") from err
         if not data_path.exists():
             raise RuntimeError(f"download of {dataset_id!r} finished but {data_path} does not exist")
-    return transitions_from_minari(minari.MinariDataset(data_path))
+    try:
+        dataset = minari.MinariDataset(data_path)
+    except Exception as err:  # Minari raises ValueError, AssertionError, JSON and Arrow errors alike
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise InvalidDatasetError(f"Minari dataset {dataset_id!r} at {data_path} cannot be read "
+                                  f"({type(err).__name__}: {reason}); recreate it (energyflow data make ... "
+                                  f"--overwrite) or delete that folder") from None
+    return transitions_from_minari(dataset, source=f"Minari dataset {dataset_id!r} ({data_path})")
 
 
-def transitions_from_minari(dataset: "MinariDataset") -> Transitions:
+def _episodes(dataset: "MinariDataset", source: str):
+    """``dataset.iterate_episodes()``, with a storage failure mid-way reported as one line."""
+    it = iter(dataset.iterate_episodes())
+    while True:
+        try:
+            ep = next(it)
+        except StopIteration:
+            return
+        except Exception as err:  # a damaged episode file: Arrow, HDF5 or JSON errors
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise InvalidDatasetError(f"{source}: an episode cannot be read ({type(err).__name__}: {reason})") from None
+        yield ep
+
+
+def transitions_from_minari(dataset: "MinariDataset", source: Optional[str] = None) -> Transitions:
     """Flatten a ``MinariDataset``: per episode, ``observations[:-1] → s``, ``observations[1:] → s'``,
-    ``terminations → terminals``, ``truncations → timeouts``."""
+    ``terminations → terminals``, ``truncations → timeouts``.
+
+    Raises:
+        InvalidDatasetError: structured spaces, an episode whose arrays disagree in length, NaN/inf
+            values, or no transitions at all; ``source`` (default: the dataset id) names it.
+    """
+    source = source or f"Minari dataset {dataset.spec.dataset_id!r}"
     cols: dict[str, list] = {k: [] for k in ("obs", "next_obs", "act", "rew", "term", "trunc", "ids")}
-    for ep in dataset.iterate_episodes():
+    for ep in _episodes(dataset, source):
         if isinstance(ep.observations, (dict, tuple)) or isinstance(ep.actions, (dict, tuple)):
-            raise ValueError(f"dataset {dataset.spec.dataset_id!r} has structured (Dict/Tuple) observations or "
-                             f"actions; only Box spaces are supported")
+            raise InvalidDatasetError(f"{source} has structured (Dict/Tuple) observations or actions; only Box "
+                                      f"spaces are supported")
+        where = f"{source}, episode {ep.id}"
         T = len(ep.rewards)
         if T == 0:
             continue
-        obs = np.asarray(ep.observations, dtype=np.float32).reshape(T + 1, -1)
+        lengths = {"observations": len(ep.observations), "actions": len(ep.actions),
+                   "terminations": len(ep.terminations), "truncations": len(ep.truncations)}
+        expected = {"observations": T + 1, "actions": T, "terminations": T, "truncations": T}
+        for key, n in lengths.items():
+            if n != expected[key]:
+                raise InvalidDatasetError(f"{where}: key {key!r} has {n} rows but rewards has {T} (expected "
+                                          f"{expected[key]}: observations hold one more row than the steps)")
+        obs = _as_float_array(where, "observations", ep.observations).reshape(T + 1, -1)
+        act = _as_float_array(where, "actions", ep.actions).reshape(T, -1)
+        rew = _as_float_array(where, "rewards", ep.rewards).reshape(T)
+        _check_finite(where, observations=obs, actions=act, rewards=rew)
         cols["obs"].append(obs[:-1])
         cols["next_obs"].append(obs[1:])
-        cols["act"].append(np.asarray(ep.actions, dtype=np.float32).reshape(T, -1))
-        cols["rew"].append(np.asarray(ep.rewards, dtype=np.float32).reshape(T))
+        cols["act"].append(act)
+        cols["rew"].append(rew)
         cols["term"].append(np.asarray(ep.terminations, dtype=np.float32).reshape(T))
         cols["trunc"].append(np.asarray(ep.truncations, dtype=np.float32).reshape(T))
         cols["ids"].append(np.full(T, int(ep.id), dtype=np.int64))
     if not cols["obs"]:
-        raise ValueError(f"dataset {dataset.spec.dataset_id!r} holds no transitions")
+        raise InvalidDatasetError(f"{source} holds no transitions")
+    for key in ("obs", "act"):
+        dims = {a.shape[1] for a in cols[key]}
+        if len(dims) > 1:
+            raise InvalidDatasetError(f"{source}: episodes disagree on the width of "
+                                      f"{'observations' if key == 'obs' else 'actions'} ({sorted(dims)})")
     spec = dataset.env_spec
     env_id = spec.id if spec is not None else None
     meta = dataset.storage.metadata
@@ -370,29 +488,64 @@ def load_d4rl_hdf5(path: str, env_id: Optional[str] = None) -> Transitions:
     Reference scores come from ``env_id`` or, failing that, the file name (``walker2d_medium-v2.hdf5``).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no D4RL HDF5 file at {path}")
+        raise DatasetNotFoundError(f"D4RL HDF5 file not found: {path}")
     h5py = _require_h5py()
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        reason = (str(err).splitlines() or ["unreadable"])[0][:200]
+        raise InvalidDatasetError(f"{path} is not a readable HDF5 file ({reason}); expected a D4RL dataset with "
+                                  f"the keys {list(_D4RL_KEYS)}") from None
+    with f:
         missing = [k for k in _D4RL_KEYS if k not in f]
         if missing:
-            raise ValueError(f"{path} is missing the D4RL keys {missing} (it has {sorted(f.keys())})")
-        data = {k: f[k][()] for k in _D4RL_KEYS}
-        next_obs = f["next_observations"][()] if "next_observations" in f else None
-    obs = np.asarray(data["observations"], dtype=np.float32)
-    n = obs.shape[0]
-    obs = obs.reshape(n, -1)
-    act = np.asarray(data["actions"], dtype=np.float32).reshape(n, -1)
-    rew = np.asarray(data["rewards"], dtype=np.float32).reshape(-1)
-    term = np.asarray(data["terminals"]).reshape(-1).astype(bool)
-    tout = np.asarray(data["timeouts"]).reshape(-1).astype(bool)
-    if not (len(act) == len(rew) == len(term) == len(tout) == n):
-        raise ValueError(f"{path}: inconsistent lengths obs {n}, actions {len(act)}, rewards {len(rew)}, "
-                         f"terminals {len(term)}, timeouts {len(tout)}")
+            raise InvalidDatasetError(f"{path} is missing the D4RL keys {missing} (it has {sorted(f.keys())}); "
+                                      f"expected {list(_D4RL_KEYS)} and optionally 'next_observations'")
+        keys = [*_D4RL_KEYS, *(["next_observations"] if "next_observations" in f else [])]
+        for k in keys:
+            if not isinstance(f[k], h5py.Dataset) or f[k].ndim == 0:
+                raise InvalidDatasetError(f"{path}: key {k!r} must be an array with one row per transition")
+        n = f["observations"].shape[0]
+        rows = {k: f[k].shape[0] for k in keys}
+        bad = {k: r for k, r in rows.items() if r != n}
+        if bad:
+            raise InvalidDatasetError(f"{path}: the arrays disagree in length: observations has {n} rows but "
+                                      + ", ".join(f"{k} has {r}" for k, r in bad.items())
+                                      + "; every key must have one row per transition")
+        if n == 0:
+            raise InvalidDatasetError(f"{path} holds no transitions (key 'observations' is empty)")
+        try:
+            data = {k: f[k][()] for k in keys}
+        except (OSError, RuntimeError, KeyError) as err:  # a damaged file body
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise InvalidDatasetError(f"{path} is truncated or corrupt ({reason})") from None
+    obs = _as_float_array(path, "observations", data["observations"]).reshape(n, -1)
+    act = _as_float_array(path, "actions", data["actions"]).reshape(n, -1)
+    rew = _as_float_array(path, "rewards", data["rewards"]).reshape(n, -1)
+    if rew.shape[1] != 1:
+        raise InvalidDatasetError(f"{path}: key 'rewards' must hold one number per transition, got shape "
+                                  f"{tuple(data['rewards'].shape)}")
+    rew = rew.reshape(-1)
+    term = np.asarray(data["terminals"]).reshape(n, -1)
+    tout = np.asarray(data["timeouts"]).reshape(n, -1)
+    for key, flags in (("terminals", term), ("timeouts", tout)):
+        if flags.shape[1] != 1:
+            raise InvalidDatasetError(f"{path}: key {key!r} must hold one flag per transition, got shape "
+                                      f"{tuple(data[key].shape)}")
+    term, tout = term.reshape(-1).astype(bool), tout.reshape(-1).astype(bool)
+    next_obs = None
+    if "next_observations" in data:
+        next_obs = _as_float_array(path, "next_observations", data["next_observations"]).reshape(n, -1)
+        if next_obs.shape != obs.shape:
+            raise InvalidDatasetError(f"{path}: key 'next_observations' has shape {tuple(next_obs.shape)}, "
+                                      f"observations {tuple(obs.shape)}; they must match")
+        _check_finite(path, next_observations=next_obs)
+    _check_finite(path, observations=obs, actions=act, rewards=rew)
     ends = term | tout
     ends[-1] = True
     ids = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
     if next_obs is not None:
-        nxt = np.asarray(next_obs, dtype=np.float32).reshape(n, -1)
+        nxt = next_obs
         keep = np.ones(n, dtype=bool)
     else:
         nxt = np.empty_like(obs)
@@ -465,13 +618,12 @@ def rollout(actor_or_fn: Any, env_id: str, num_steps: int, seed: int = 0, determ
         ``minari.data_collector.EpisodeBuffer`` per episode: observations ``[T+1, obs_dim]``,
         actions ``[T, act_dim]``, rewards/terminations/truncations ``[T]``.
     """
-    gym = _require_gym()
     _require_minari()
     from minari.data_collector import EpisodeBuffer
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    env = gym.make(env_id, **(env_kwargs or {}))
+    env = make_env(env_id, **(env_kwargs or {}))
     try:
         policy = _make_policy(actor_or_fn, env.action_space, deterministic, seed)
         episodes: list = []
@@ -505,8 +657,8 @@ def _check_dataset_id(dataset_id: str) -> None:
 
     try:
         parse_dataset_id(dataset_id)
-    except (ValueError, TypeError) as err:  # a missing -vN makes Minari fail on int(None)
-        raise ValueError(f"bad Minari dataset id {dataset_id!r}: ids look like 'namespace/name-v0' "
+    except (ValueError, TypeError, AttributeError) as err:  # a missing -vN makes Minari fail on int(None)
+        raise InputError(f"bad Minari dataset id {dataset_id!r}: ids look like 'namespace/name-v0' "
                          f"(the -vN version is required)") from err
 
 
@@ -514,8 +666,59 @@ def _check_writable(dataset_id: str, overwrite: bool) -> None:
     _check_dataset_id(dataset_id)
     path = _local_dataset_dir(dataset_id)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"Minari dataset {dataset_id!r} already exists at {path}; pass overwrite=True to "
-                              f"replace it, or use another id/version")
+        raise DatasetExistsError(f"Minari dataset {dataset_id!r} already exists at {path}; pass overwrite=True "
+                                 f"(--overwrite) to replace it, or use another id/version")
+
+
+#: Prefix of the hidden staging folders in the Minari store (Minari's listing skips hidden folders).
+_STAGING_PREFIX = ".energyflow-staging-"
+
+
+@contextlib.contextmanager
+def _store_root(root: str):
+    """Point Minari (which reads ``MINARI_DATASETS_PATH`` on every call) at ``root`` for a while."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = root
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def _remove_stale_staging(store: str) -> None:
+    """Remove staging folders left by builds of this host whose process no longer exists (killed)."""
+    host = socket.gethostname()
+    for name in os.listdir(store):
+        if not name.startswith(f"{_STAGING_PREFIX}{host}-"):
+            continue
+        try:
+            pid = int(name[len(f"{_STAGING_PREFIX}{host}-"):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+        except (PermissionError, OSError):  # alive (another user's) or unknowable: leave it
+            pass
+
+
+def _write_minari(dataset_id: str, episodes: list, env, **kwargs: Any) -> None:
+    """The writing step: ``minari.create_dataset_from_buffers`` into the current store."""
+    minari = _require_minari()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is set to None", category=UserWarning)
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec, **kwargs)
+
+
+def _ensure_namespace(dataset_id: str) -> None:
+    """Create the dataset's namespace in the current store when it is missing (as Minari would)."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.namespace import create_namespace, list_local_namespaces
+
+    namespace = parse_dataset_id(dataset_id)[0]
+    if namespace is not None and namespace not in list_local_namespaces():
+        create_namespace(namespace)
 
 
 def create_minari_dataset(dataset_id: str, episodes: Sequence["EpisodeBuffer"], env_id: str,
@@ -528,10 +731,17 @@ def create_minari_dataset(dataset_id: str, episodes: Sequence["EpisodeBuffer"], 
     Reference scores: missing ones are taken from :data:`REF_SCORES` for ``env_id``; both or neither
     must end up known (Minari would otherwise estimate ``ref_min_score`` from 100 random episodes).
     ``env_kwargs`` (e.g. ``max_episode_steps``) are recorded in the dataset's env spec.  An existing
-    ``dataset_id`` is refused (``FileExistsError``) unless ``overwrite=True``.
+    ``dataset_id`` is refused (:class:`DatasetExistsError`) unless ``overwrite=True``.
+
+    The write is all-or-nothing: the dataset is built under the same id in a hidden staging folder
+    of the store (``.energyflow-staging-*``, on the same file system, invisible to Minari's
+    listing), then renamed into place; an existing dataset is renamed aside first and deleted only
+    once the new one is in.  Any failure (a full disk, Ctrl-C, an error in Minari) leaves the old
+    dataset, or no dataset, and removes the staging folder.  While the build runs,
+    ``MINARI_DATASETS_PATH`` points at the staging folder (Minari has no other way to be told where
+    to write), so do not build datasets from several threads of one process at once.
     """
     minari = _require_minari()
-    gym = _require_gym()
     if len(episodes) == 0:
         raise ValueError("no episodes to store")
     _check_writable(dataset_id, overwrite)
@@ -540,24 +750,36 @@ def create_minari_dataset(dataset_id: str, episodes: Sequence["EpisodeBuffer"], 
     hi = known_hi if ref_max_score is None else float(ref_max_score)
     if (lo is None) != (hi is None):
         raise ValueError(f"give both ref_min_score and ref_max_score for {env_id!r} (or neither)")
-    path = _local_dataset_dir(dataset_id)
-    if path.exists():
-        shutil.rmtree(path)
-    env = gym.make(env_id, **(env_kwargs or {}))
+    final = _local_dataset_dir(dataset_id)
+    store = str(_local_dataset_dir(None))
+    _remove_stale_staging(store)
+    staging = tempfile.mkdtemp(dir=store, prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
+    built = os.path.join(staging, "store", dataset_id)
+    aside = os.path.join(staging, "replaced")
+    env = make_env(env_id, **(env_kwargs or {}))
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*is set to None", category=UserWarning)
-            return minari.create_dataset_from_buffers(
-                dataset_id, list(episodes), env=env, eval_env=env.spec, algorithm_name=algorithm_name,
-                author=author, description=description or f"{algorithm_name} on {env_id}",
-                ref_min_score=lo, ref_max_score=hi)
-    except BaseException:
-        # Minari creates the directory first: a failure would leave a half-written dataset that
-        # blocks the next attempt with "already exists".
-        shutil.rmtree(path, ignore_errors=True)
-        raise
+        with _store_root(os.path.join(staging, "store")):
+            _write_minari(dataset_id, list(episodes), env, algorithm_name=algorithm_name, author=author,
+                          description=description or f"{algorithm_name} on {env_id}", ref_min_score=lo,
+                          ref_max_score=hi)
+        if not os.path.isdir(os.path.join(built, "data")):
+            raise RuntimeError(f"Minari wrote no dataset at {built}")
+        _ensure_namespace(dataset_id)
+        os.makedirs(final.parent, exist_ok=True)
+        if final.exists():
+            if not overwrite:  # appeared while this one was being built
+                raise DatasetExistsError(f"Minari dataset {dataset_id!r} appeared at {final} while this one was "
+                                         f"being built; pass overwrite=True to replace it")
+            os.rename(final, aside)
+        os.rename(built, final)
     finally:
-        env.close()
+        try:
+            if os.path.exists(aside) and not final.exists():
+                os.rename(aside, final)  # the swap did not finish: put the old dataset back
+        finally:
+            env.close()
+            shutil.rmtree(staging, ignore_errors=True)
+    return minari.MinariDataset(final / "data")
 
 
 #: The name that stands for a uniformly random policy in :func:`make_mixed_dataset`'s actor list.
@@ -580,7 +802,6 @@ def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_ac
     """
     from .behaviour import load_actor
 
-    gym = _require_gym()
     if len(actor_paths) == 0:
         raise ValueError("no actor checkpoints given")
     steps = [int(steps_per_actor)] * len(actor_paths) if isinstance(steps_per_actor, int) else list(steps_per_actor)
@@ -592,12 +813,12 @@ def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_ac
     if env_id is None:
         raise ValueError("every actor is 'random': name the environment (env_id, or --env on the command line)")
     _check_writable(dataset_id, overwrite)  # before spending time on rollouts
-    probe = gym.make(env_id, **(env_kwargs or {}))
+    probe = make_env(env_id, **(env_kwargs or {}))
     obs_dim, act_dim = int(np.prod(probe.observation_space.shape)), int(np.prod(probe.action_space.shape))
     probe.close()
     for p, (actor, meta) in zip(actor_paths, loaded):
         if actor is not None and (meta["obs_dim"], meta["act_dim"]) != (obs_dim, act_dim):
-            raise ValueError(f"checkpoint {p} (obs {meta['obs_dim']}, act {meta['act_dim']}, env {meta.get('env_id')}) "
+            raise InputError(f"checkpoint {p} (obs {meta['obs_dim']}, act {meta['act_dim']}, env {meta.get('env_id')}) "
                              f"does not fit {env_id} (obs {obs_dim}, act {act_dim})")
     episodes: list = []
     for (actor, _), n in zip(loaded, steps):

@@ -78,20 +78,34 @@ class OfflineRLExperiment(Experiment):
         return data, spec
 
     def ensure_default_dataset(self) -> str:
-        """Build the default dataset from the shipped behaviour checkpoints if it is not in the store."""
-        from .datasets import RANDOM_ACTOR, _local_dataset_dir, make_mixed_dataset
+        """Build the default dataset from behaviour checkpoints if it is not in the Minari store.
+
+        ``default_dataset.actors`` entries are ``random``, the file name of a checkpoint shipped with
+        the package (``walker2d_sac_020k.pt``, see :data:`~domains.rl.behaviour.CHECKPOINT_DIR`) or a
+        path (absolute, or relative to the working directory).  Every entry is resolved before any
+        rollout, so a missing checkpoint fails at once; the build itself is all-or-nothing.
+        """
+        from energyflow.errors import InputError
+
+        from .behaviour import resolve_actor_path
+        from .datasets import RANDOM_ACTOR, DatasetExistsError, _local_dataset_dir, make_mixed_dataset
 
         cfg = self.default_dataset
         dataset_id = cfg.get("id", "energyflow/walker2d-mixed-v1")
-        if not os.path.isdir(os.path.join(str(_local_dataset_dir(dataset_id)), "data")):
+        built = lambda: os.path.isdir(os.path.join(str(_local_dataset_dir(dataset_id)), "data"))  # noqa: E731
+        if not built():
             actors = cfg.get("actors") or []
             if not actors:
-                raise FileNotFoundError("the recipe's default_dataset lists no behaviour checkpoints (actors)")
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            paths = [a if os.path.isabs(a) or a == RANDOM_ACTOR else os.path.join(root, a) for a in actors]
+                raise InputError("experiment.default_dataset.actors is empty: list the behaviour checkpoints "
+                                 "(or 'random') that build the default dataset")
+            paths = [a if a == RANDOM_ACTOR else resolve_actor_path(a) for a in actors]
             print(f"building {dataset_id} from {len(paths)} behaviour checkpoints (first run only)")
-            make_mixed_dataset(dataset_id, paths, cfg.get("steps_per_actor", 25000), env_id=self.env_id,
-                               seed=int(cfg.get("seed", 0)))
+            try:
+                make_mixed_dataset(dataset_id, paths, cfg.get("steps_per_actor", 25000), env_id=self.env_id,
+                                   seed=int(cfg.get("seed", 0)))
+            except DatasetExistsError:
+                if not built():  # not another run that built it meanwhile
+                    raise
         return dataset_id
 
     # -- running ---------------------------------------------------------------------------------------
