@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .errors import InputError
+
 __all__ = ["main", "compose_recipe", "build_experiment"]
 
 EPILOG_RUN = """examples:
@@ -26,8 +28,25 @@ logs in tb/ and checkpoint.pt), the trained models (models/), results.json, eval
 """
 
 
-class RecipeError(RuntimeError):
+class RecipeError(InputError):
     """A recipe that cannot be loaded, composed or instantiated."""
+
+
+PLUGIN_GROUP = "energyflow.commands"
+"""Entry-point group through which installed domains add commands: each entry point names a
+function ``register(subparsers)`` that adds its sub-command (with ``set_defaults(func=...)``; the
+function receives the parsed arguments and returns the exit code).  Keep the module it lives in
+light: import the domain's stack inside the command, so ``energyflow --help`` stays fast."""
+
+
+def _add_plugin_commands(sub) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as err:  # a broken plugin must not break the core commands
+            print(f"energyflow: warning: skipping the '{ep.name}' command of {ep.value}: {err}", file=sys.stderr)
 
 
 def compose_recipe(recipe: str, overrides: Sequence[str] = ()):
@@ -40,8 +59,10 @@ def compose_recipe(recipe: str, overrides: Sequence[str] = ()):
     path = os.path.abspath(recipe)
     if not os.path.isfile(path):
         raise RecipeError(f"recipe not found: {recipe}")
-    if not path.endswith((".yaml", ".yml")):
-        raise RecipeError(f"a recipe is a .yaml file, got {recipe}")
+    if not path.endswith(".yaml"):
+        hint = f" (rename it to {os.path.splitext(recipe)[0]}.yaml)" if path.endswith(".yml") else ""
+        raise RecipeError(f"a recipe is a .yaml file (Hydra reads only that extension), got {recipe}{hint}")
+    _check_yaml(path, "recipe")
     folder, name = os.path.split(path)
     try:
         with initialize_config_dir(config_dir=folder, version_base=None):
@@ -54,6 +75,24 @@ def compose_recipe(recipe: str, overrides: Sequence[str] = ()):
     return cfg
 
 
+def _check_yaml(path: str, what: str) -> None:
+    """Parse ``path`` as YAML; a syntax error becomes one line naming the file and position."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{what} {path} is not valid YAML ({problem} at{where or ' an unknown position'})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{what} {path} is not UTF-8 text") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise RecipeError(f"{what} {path} must be a YAML mapping (key: value lines), got a {type(doc).__name__}")
+
+
 def build_experiment(cfg) -> Any:
     """Instantiate ``cfg.experiment`` (an :class:`~energyflow.experiment.Experiment`)."""
     from hydra.errors import InstantiationException
@@ -63,11 +102,23 @@ def build_experiment(cfg) -> Any:
 
     try:
         experiment = instantiate(cfg.experiment, _convert_="all")
-    except (InstantiationException, TypeError, ValueError, ImportError) as err:
-        raise RecipeError(f"cannot build the experiment {cfg.experiment.get('_target_')}: {err}") from err
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, InputError):  # the experiment's own validation: its message names the key
+            raise RecipeError(str(cause)) from None
+        raise RecipeError(f"cannot build the experiment {cfg.experiment.get('_target_')}: {_one_line(err)}") from None
+    except InputError:
+        raise
+    except (TypeError, ValueError, ImportError) as err:
+        raise RecipeError(f"cannot build the experiment {cfg.experiment.get('_target_')}: {_one_line(err)}") from None
     if not isinstance(experiment, Experiment):
         raise RecipeError(f"{cfg.experiment._target_} is not an energyflow Experiment")
     return experiment
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines)[:500] or type(err).__name__
 
 
 def _default_run_dir(recipe: str) -> str:
@@ -81,7 +132,10 @@ def _load_run(run_dir: str, overrides: Sequence[str] = ()):
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise RecipeError(f"{run_dir} is not a run directory (no config.yaml); create one with 'energyflow run'")
+    _check_yaml(cfg_path, "run config")
     cfg = OmegaConf.load(cfg_path)
+    if "experiment" not in cfg or "_target_" not in cfg.experiment:
+        raise RecipeError(f"run config {cfg_path} has no 'experiment' node with a '_target_'")
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg
@@ -90,47 +144,85 @@ def _load_run(run_dir: str, overrides: Sequence[str] = ()):
 def _apply_runtime(cfg) -> None:
     from .runtime import seed_everything, set_threads
 
-    if cfg.get("num_threads"):
-        set_threads(int(cfg.num_threads))
-    seed_everything(int(cfg.get("seed", 0)))
+    threads, seed = cfg.get("num_threads"), cfg.get("seed", 0)
+    if threads is not None and threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise RecipeError(f"num_threads must be a positive integer or 'auto', got {threads!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RecipeError(f"seed must be an integer, got {seed!r}")
+    set_threads(threads)
+    seed_everything(seed)
+
+
+def _has_outputs(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds anything besides its config.yaml (a failed start leaves nothing else)."""
+    for folder, _, files in os.walk(run_dir):
+        if any(f != "config.yaml" or folder != run_dir for f in files if not f.startswith(".")):
+            return True
+    return False
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from .files import check_writable, write_text
+
     cfg = compose_recipe(args.recipe, args.overrides)
     run_dir = args.run_dir or cfg.get("run_dir") or _default_run_dir(args.recipe)
-    os.makedirs(run_dir, exist_ok=True)
     saved = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(saved) and OmegaConf.load(saved) != cfg and not args.force:
-        raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
-    OmegaConf.save(cfg, saved)
+    if os.path.exists(saved) and not args.force:
+        _check_yaml(saved, "run config")
+        if OmegaConf.load(saved) != cfg and _has_outputs(run_dir):
+            raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
     _apply_runtime(cfg)
-    experiment = build_experiment(cfg)
+    experiment = build_experiment(cfg)  # validates every setting before anything is written
+    check_writable(run_dir, "run directory")
+    write_text(OmegaConf.to_yaml(cfg), saved)
     print(f"run directory: {run_dir}", file=sys.stderr)
     results = experiment.run(run_dir)
     print(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
 
+def _sampler_override(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """``--sampler`` / ``--steps`` as an override of the experiment's sampler (either may be alone)."""
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be a positive integer, got {args.steps}")
+    override = {}
+    if args.sampler:
+        override["name"] = args.sampler
+    if args.steps is not None:
+        override["steps"] = args.steps
+    return override or None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from .files import atomic_open, atomic_torch_save
+
+    if args.num_samples < 1:
+        raise InputError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    out = args.output or os.path.join(args.run_dir, "samples.pt")
+    if not out.endswith((".pt", ".npy")):
+        raise InputError(f"--output must end in .pt or .npy, got {out}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise InputError(f"the output folder {os.path.dirname(out) or '.'} does not exist")
     cfg = _load_run(args.run_dir)
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)
-    sampler = {"name": args.sampler, "steps": args.steps} if args.sampler else None
+    sampler = _sampler_override(args)
     try:
         x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
     except (TypeError, NotImplementedError) as err:
-        raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {args.sampler}: {err}") from err
-    out = args.output or os.path.join(args.run_dir, "samples.pt")
+        raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}: {err}") from err
     if out.endswith(".npy"):
         import numpy as np
 
-        np.save(out, x.numpy())
+        with atomic_open(out, "wb") as f:
+            np.save(f, x.numpy())
     else:
-        torch.save(x, out)
+        atomic_torch_save(x, out)
     if x.dim() == 2 and x.shape[1] == 2:
         _scatter(x, os.path.splitext(out)[0] + ".png", title=args.model or "samples")
     print(f"wrote {tuple(x.shape)} samples to {out}")
@@ -148,49 +240,27 @@ def _scatter(x, path: str, title: str) -> None:
     ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
     ax.set_aspect("equal")
     ax.set_title(title)
-    fig.savefig(path, dpi=90)
+    from .files import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .files import check_writable
+
     cfg = _load_run(args.run_dir)
+    check_writable(args.run_dir, "run directory")  # fail now, not after the whole evaluation
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)
-    kwargs = {"sampler": {"name": args.sampler, "steps": args.steps}} if args.sampler else {}
+    sampler = _sampler_override(args)
+    kwargs = {"sampler": sampler} if sampler else {}
     try:
         results = experiment.evaluate(args.run_dir, **kwargs)
     except (TypeError, NotImplementedError) as err:
-        raise RecipeError(f"cannot evaluate {args.run_dir} with sampler {args.sampler}: {err}") from err
+        raise RecipeError(f"cannot evaluate {args.run_dir} with sampler {sampler}: {err}") from err
     print(json.dumps(results, indent=2, sort_keys=True, default=str))
-    return 0
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    """Offline-RL datasets (needs the rl extra)."""
-    try:
-        from domains.rl import behaviour, datasets
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise RecipeError(f"'energyflow data' needs the rl extra: pip install 'energyflow[rl]' ({err})") from err
-    if args.data_command == "train-behaviour":
-        records = behaviour.train_sac(args.env, args.steps, args.out, checkpoint_every=args.checkpoint_every,
-                                      seed=args.seed)
-        for r in records:
-            print(json.dumps(r))
-    elif args.data_command == "make":
-        steps = args.steps_per_actor[0] if len(args.steps_per_actor) == 1 else args.steps_per_actor
-        ds = datasets.make_mixed_dataset(args.dataset_id, args.actors, steps, env_id=args.env,
-                                         seed=args.seed, overwrite=args.overwrite)
-        print(f"created {args.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
-    elif args.data_command == "list":
-        import minari
-
-        for name in sorted(minari.list_local_datasets()):
-            print(name)
-    elif args.data_command == "download":
-        datasets.load_minari(args.dataset_id, download=True)
-        print(f"downloaded {args.dataset_id}")
-    else:
-        raise RecipeError("choose a data command: train-behaviour, make, list, download (see --help)")
     return 0
 
 
@@ -222,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--output", help="output file, .pt or .npy (default RUN_DIR/samples.pt); 2-D samples "
                         "also get a .png scatter plot")
     sample.add_argument("--sampler", help="sampler name: euler, midpoint, heun, rk4, dopri5, em, ancestral, dpm")
-    sample.add_argument("--steps", type=int, default=50, help="sampler steps (with --sampler; default 50)")
+    sample.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     sample.set_defaults(func=cmd_sample)
 
@@ -230,30 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Rebuild the experiment of RUN_DIR and re-run its evaluation; prints the metrics as JSON."))
     ev.add_argument("run_dir", help="a run directory written by 'energyflow run'")
     ev.add_argument("--sampler", help="override the sampler for the evaluation")
-    ev.add_argument("--steps", type=int, default=50, help="sampler steps (with --sampler; default 50)")
+    ev.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
     ev.set_defaults(func=cmd_eval)
 
-    data = sub.add_parser("data", help="build or fetch offline-RL datasets (Minari)", description=(
-        "Offline-RL datasets in the local Minari store ($MINARI_DATASETS_PATH, default ~/.minari/datasets): train "
-        "a behaviour policy with SAC, roll out its checkpoints into a dataset, list or download datasets."))
-    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    tb = dsub.add_parser("train-behaviour", help="train SAC and save actor checkpoints with their returns")
-    tb.add_argument("--env", default="Walker2d-v5", help="Gymnasium id (default Walker2d-v5)")
-    tb.add_argument("--steps", type=int, default=300_000, help="environment steps (default 300000; ~60 steps/s on a CPU core)")
-    tb.add_argument("--out", required=True, help="folder for actor_<steps>.pt and checkpoints.jsonl")
-    tb.add_argument("--checkpoint-every", type=int, default=20_000)
-    tb.add_argument("--seed", type=int, default=0)
-    mk = dsub.add_parser("make", help="roll out actor checkpoints (stochastic actions) into one Minari dataset")
-    mk.add_argument("dataset_id", help="e.g. energyflow/walker2d-mixed-v0 (Minari ids need -vN)")
-    mk.add_argument("--actors", nargs="+", required=True, help="actor checkpoints (from train-behaviour); 'random' rolls out uniformly random actions")
-    mk.add_argument("--steps-per-actor", type=int, nargs="+", default=[25_000], help="steps per checkpoint (one value or one per actor)")
-    mk.add_argument("--env", default=None, help="Gymnasium id (default: the checkpoints')")
-    mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--overwrite", action="store_true")
-    dsub.add_parser("list", help="list the datasets in the local Minari store")
-    dl = dsub.add_parser("download", help="download a remote Minari dataset (needs internet)")
-    dl.add_argument("dataset_id", help="e.g. mujoco/walker2d/medium-v0")
-    data.set_defaults(func=cmd_data)
+    _add_plugin_commands(sub)
     return parser
 
 
@@ -269,9 +319,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (InputError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         # user-facing input errors (bad recipe, unknown model, missing run): one clear line, no traceback
-        print(f"energyflow: error: {err}", file=sys.stderr)
+        print(f"energyflow: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only folder, ...: what and where, in one line
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"energyflow: error: {err.strerror or _one_line(err)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("energyflow: interrupted (checkpoints were saved; rerun with the same --run-dir to resume)", file=sys.stderr)

@@ -112,11 +112,12 @@ def load_torch(path: str | os.PathLike, what: str = "file", map_location: Any = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
-            first = next((line.strip() for line in text.splitlines() if "Unsupported" in line or "GLOBAL" in line), "")
+        if "Unsupported global" in text or "GLOBAL " in text:  # a class or function to import and call
+            first = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
             raise UnsafeFileError(f"refusing to load {what} {path}: it holds Python objects beyond tensors and "
                                   f"plain containers, which could run code when loaded ({first[:160]})") from None
-        raise CorruptFileError(f"{what} {path} is corrupt: {text.splitlines()[0][:200]}") from None
+        reason = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0])
+        raise CorruptFileError(f"{what} {path} is truncated or not a torch file ({reason[:200]})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise CorruptFileError(f"{what} {path} is truncated or corrupt ({reason})") from None

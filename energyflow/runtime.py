@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "seed_everything", "set_threads", "DistInfo", "init_distributed",
+__all__ = ["resolve_device", "seed_everything", "set_threads", "auto_threads", "available_cpus", "DistInfo", "init_distributed",
            "atomic_torch_save", "is_main_process"]
 
 
@@ -29,11 +29,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(num_threads: int | None) -> None:
-    """Set torch's intra-op threads (``None`` leaves the default).  On small machines, one thread per
-    process beside other busy processes is often much faster than oversubscription."""
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_threads() -> int:
+    """The ``num_threads: auto`` count: this process's CPUs shared among the data-parallel
+    processes of this machine (``LOCAL_WORLD_SIZE`` under torchrun), at least 1."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)) or 1)
+    return max(1, available_cpus() // max(local, 1))
+
+
+def set_threads(num_threads: int | str | None) -> int:
+    """Set torch's intra-op threads: an integer, ``"auto"`` (see :func:`auto_threads`) or ``None``
+    (leave torch's default).  Returns the count in effect."""
+    if num_threads == "auto":
+        num_threads = auto_threads()
     if num_threads:
         torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
 
 
 class DistInfo:

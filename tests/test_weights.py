@@ -165,3 +165,38 @@ def test_bad_shapes_and_group_sizes_raise():
         energy_weights(e, 1.0, group_size=0)
     with pytest.raises(ValueError, match=r"shape \[B\]"):
         energy_weights(e.view(2, 5), 1.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e15, 1e20, 1e30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_stay_normalised_for_any_magnitude_and_ties(scale, dtype):
+    """Energies up to ±1e30 and ties at the minimum: the weights sum to 1 within 1e-6, the tied
+    minima share the mass equally and the ESS equals the number of ties (the exact limit)."""
+    g = torch.Generator().manual_seed(1)
+    for ties in (1, 2, 5):
+        e = (torch.rand(64, generator=g, dtype=D) + 0.5) * scale  # all > 0.5·scale
+        e[:ties] = -scale  # the minimum, tied `ties` times
+        e = e[torch.randperm(64, generator=g)].to(dtype)
+        for group in (None, 16):
+            w = energy_weights(e, 1.0, group_size=group)
+            sets = w.weights.view(-1, group or 64).to(D)
+            torch.testing.assert_close(sets.sum(1), torch.ones(sets.shape[0], dtype=D), rtol=0, atol=1e-6)
+            if group is None and scale == 1.0:  # no dominance: the plain softmax
+                torch.testing.assert_close(w.weights.to(D), _hand_softmax(e, 1.0), rtol=1e-5, atol=1e-7)
+            elif group is None:  # the tied minima dominate: they share the mass equally
+                minima = e == e.min()
+                torch.testing.assert_close(w.weights.to(D)[minima], torch.full((ties,), 1.0 / ties, dtype=D),
+                                           rtol=0, atol=1e-6)
+                assert w.ess.item() == pytest.approx(ties, rel=1e-6)
+                assert w.ess_fraction.item() == pytest.approx(ties / 64, rel=1e-6)
+    # all tied: uniform weights whatever the magnitude
+    flat = torch.full((10,), scale, dtype=dtype)
+    w = energy_weights(flat, 3.0)
+    torch.testing.assert_close(w.weights.to(D), torch.full((10,), 0.1, dtype=D), rtol=0, atol=1e-7)
+    assert w.ess.item() == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [float("nan"), float("inf"), -1.0])
+def test_bad_beta_is_refused(beta):
+    with pytest.raises(ValueError, match="beta must be finite and >= 0"):
+        energy_weights(torch.zeros(4), beta)
