@@ -1,5 +1,9 @@
 """Offline RL datasets: Minari round trips in a temporary store, D4RL HDF5 files, returns-to-go,
-normalisation and normalised scores.  Needs the rl extra (skipped otherwise)."""
+normalisation and normalised scores; all-or-nothing dataset writes; one-line errors for bad data,
+bad environment ids and bad actor files; the shipped behaviour checkpoints and the ``energyflow
+data`` plugin.  Needs the rl extra (skipped otherwise)."""
+import errno
+import glob
 import os
 import time
 
@@ -13,7 +17,10 @@ h5py = pytest.importorskip("h5py")
 pytest.importorskip("mujoco")
 
 from domains.rl import datasets as D  # noqa: E402
-from domains.rl.behaviour import SquashedGaussianActor  # noqa: E402
+from domains.rl.behaviour import (CHECKPOINT_DIR, SquashedGaussianActor, load_actor,  # noqa: E402
+                                  resolve_actor_path, shipped_checkpoints)
+from energyflow.cli import main  # noqa: E402
+from energyflow.errors import CorruptFileError, InputError, UnsafeFileError  # noqa: E402
 
 ENV = "Hopper-v5"
 ENV_KWARGS = {"max_episode_steps": 40}  # random Hopper falls within ~15-35 steps: both flags occur
@@ -291,3 +298,238 @@ def test_make_mixed_dataset_with_random_actions(store, tmp_path):
     assert float(tr.actions.abs().max()) <= 1.0 and float(tr.actions.std()) > 0.4  # uniform on [-1, 1]: std 0.58
     with pytest.raises(ValueError, match="name the environment"):
         D.make_mixed_dataset("test/hopper/random-mix-v1", [D.RANDOM_ACTOR], 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# All-or-nothing writes
+
+
+def _snapshot(dataset_id):
+    tr = D.load_minari(dataset_id)
+    return {k: getattr(tr, k).clone() for k in ("observations", "actions", "rewards", "next_observations",
+                                                "terminals", "timeouts", "episode_ids")}
+
+
+def _staging_left():
+    return glob.glob(os.path.join(os.environ["MINARI_DATASETS_PATH"], ".energyflow-staging-*"))
+
+
+def _failing_writer(monkeypatch, exc):
+    """Make Minari's write fail after it has put a partial dataset on disk (in the staging folder)."""
+    real = minari.create_dataset_from_buffers
+    seen = {}
+
+    def write_then_fail(dataset_id, buffer, **kwargs):
+        real(dataset_id, buffer[:1], **kwargs)  # files on disk, as a half-finished write would leave
+        seen["path"] = str(D._local_dataset_dir(dataset_id))
+        raise exc
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", write_then_fail)
+    return seen
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_overwrite_is_all_or_nothing(store, monkeypatch, exc):
+    """A failure while the replacement is written leaves the old dataset, loading with identical
+    contents, and no staging folder; the staging folder is where the partial write went."""
+    episodes, _ = store
+    dataset_id = f"test/hopper/swap-{type(exc).__name__.lower()}-v0"
+    D.create_minari_dataset(dataset_id, episodes[:3], ENV, env_kwargs=ENV_KWARGS)
+    before = _snapshot(dataset_id)
+    with monkeypatch.context() as mp:
+        seen = _failing_writer(mp, exc)
+        with pytest.raises(type(exc)):
+            D.create_minari_dataset(dataset_id, episodes[3:], ENV, env_kwargs=ENV_KWARGS, overwrite=True)
+    assert ".energyflow-staging-" in seen["path"]  # the partial write did not touch the store's copy
+    after = _snapshot(dataset_id)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not _staging_left()
+    assert dataset_id in minari.list_local_datasets()
+    # a failed first write leaves nothing at all
+    with monkeypatch.context() as mp:
+        _failing_writer(mp, exc)
+        with pytest.raises(type(exc)):
+            D.create_minari_dataset("test/hopper/never-v0", episodes[:2], ENV, env_kwargs=ENV_KWARGS)
+    assert not D._local_dataset_dir("test/hopper/never-v0").exists() and not _staging_left()
+    # and a successful overwrite replaces the contents
+    D.create_minari_dataset(dataset_id, episodes[3:5], ENV, env_kwargs=ENV_KWARGS, overwrite=True)
+    assert len(D.load_minari(dataset_id)) == len(episodes[3]) + len(episodes[4])
+    assert not _staging_left()
+
+
+def test_cli_make_overwrite_failure_keeps_the_old_dataset(store, monkeypatch, capsys):
+    """`energyflow data make ID --overwrite` on a full disk: one error line, exit code 2, old data intact;
+    the shipped checkpoints are named by file name."""
+    dataset_id = "test/walker/cli-swap-v0"
+    assert main(["data", "make", dataset_id, "--actors", "walker2d_sac_020k.pt", "--steps-per-actor", "30"]) == 0
+    assert "30 steps" in capsys.readouterr().out
+    before = _snapshot(dataset_id)
+    with monkeypatch.context() as mp:
+        _failing_writer(mp, OSError(errno.ENOSPC, "No space left on device"))
+        code = main(["data", "make", dataset_id, "--actors", "random", "--env", "Walker2d-v5",
+                     "--steps-per-actor", "20", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    after = _snapshot(dataset_id)
+    assert all(torch.equal(before[k], after[k]) for k in before) and not _staging_left()
+
+
+def test_stale_staging_of_a_killed_build_is_removed(store):
+    """A build killed with SIGKILL cannot clean up: the next build removes its staging folder (dead pid)."""
+    episodes, _ = store
+    root = os.environ["MINARI_DATASETS_PATH"]
+    import socket
+    dead = os.path.join(root, f".energyflow-staging-{socket.gethostname()}-999999999-abc")
+    os.makedirs(os.path.join(dead, "store", "x"))
+    D.create_minari_dataset("test/hopper/after-kill-v0", episodes[:1], ENV, env_kwargs=ENV_KWARGS)
+    assert not os.path.exists(dead) and not _staging_left()
+
+
+# ---------------------------------------------------------------------------------------------
+# One-line errors for bad input
+
+
+def test_garbage_hdf5_is_named(tmp_path):
+    path = tmp_path / "walker2d_medium-v2.hdf5"
+    path.write_bytes(b"this is not an HDF5 file\n" * 10)
+    with pytest.raises(D.InvalidDatasetError, match="not a readable HDF5 file") as info:
+        D.load_dataset(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(D.DatasetNotFoundError, match="not found"):
+        D.load_dataset(str(tmp_path / "absent.hdf5"))
+
+
+def _write_arrays(path, **overrides):
+    n = 6
+    arrays = {"observations": np.ones((n, 3), np.float32), "actions": np.zeros((n, 2), np.float32),
+              "rewards": np.ones(n, np.float32), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool),
+              "next_observations": np.ones((n, 3), np.float32)}
+    arrays.update(overrides)
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            if value is not None:
+                f[key] = value
+    return path
+
+
+def test_hdf5_arrays_of_different_lengths(tmp_path):
+    path = _write_arrays(str(tmp_path / "short.hdf5"), actions=np.zeros((5, 2), np.float32))
+    with pytest.raises(InputError, match=r"observations has 6 rows but actions has 5") as info:
+        D.load_d4rl_hdf5(path)
+    assert path in str(info.value)  # not numpy's "cannot reshape array"
+    path = _write_arrays(str(tmp_path / "next.hdf5"), next_observations=np.zeros((6, 4), np.float32))
+    with pytest.raises(InputError, match="next_observations"):
+        D.load_d4rl_hdf5(path)
+
+
+@pytest.mark.parametrize("key", ["observations", "actions", "rewards", "next_observations"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_hdf5_non_finite_values(tmp_path, key, bad):
+    shape = {"observations": (6, 3), "actions": (6, 2), "rewards": (6,), "next_observations": (6, 3)}[key]
+    values = np.ones(shape, np.float32)
+    values[4] = bad
+    path = _write_arrays(str(tmp_path / "nan.hdf5"), **{key: values})
+    with pytest.raises(D.InvalidDatasetError, match=rf"key '{key}' holds .* NaN/inf values \(first in row 4\)") as info:
+        D.load_d4rl_hdf5(path)
+    assert path in str(info.value)
+
+
+def test_hdf5_missing_key(tmp_path):
+    path = _write_arrays(str(tmp_path / "nokey.hdf5"), timeouts=None)
+    with pytest.raises(InputError, match=r"missing the D4RL keys \['timeouts'\]") as info:
+        D.load_d4rl_hdf5(path)
+    assert path in str(info.value)
+
+
+def test_minari_non_finite_and_corrupt(store):
+    episodes, _ = store
+    bad = [e for e in episodes[:2]]
+    bad[1] = type(bad[1])(**{**bad[1].__dict__, "rewards": np.where(np.arange(len(bad[1])) == 2, np.nan,
+                                                                    bad[1].rewards)})
+    D.create_minari_dataset("test/hopper/nan-v0", bad, ENV, env_kwargs=ENV_KWARGS)
+    with pytest.raises(D.InvalidDatasetError, match=r"test/hopper/nan-v0.*episode 1: key 'rewards'"):
+        D.load_minari("test/hopper/nan-v0")
+    D.create_minari_dataset("test/hopper/corrupt-v0", episodes[:1], ENV, env_kwargs=ENV_KWARGS)
+    meta = D._local_dataset_dir("test/hopper/corrupt-v0") / "data" / "metadata.json"
+    meta.write_text("{ not json")
+    with pytest.raises(D.InvalidDatasetError, match=r"test/hopper/corrupt-v0.*cannot be read"):
+        D.load_minari("test/hopper/corrupt-v0")
+
+
+def test_unknown_environment_id(store):
+    for bad in ("Walkr2d-v5", "Walker2d-v99", "nowhere/Walker2d-v5"):
+        with pytest.raises(D.UnknownEnvironmentError, match=f"unknown environment id '{bad}'"):
+            D.make_env(bad)
+    with pytest.raises(D.UnknownEnvironmentError, match="unknown environment id 'Walkr2d-v5'"):
+        D.make_mixed_dataset("test/walker/unknown-env-v0", [D.RANDOM_ACTOR], 10, env_id="Walkr2d-v5")
+    with pytest.raises(D.UnknownEnvironmentError):
+        D.rollout(None, "Walkr2d-v5", 5)
+
+
+def test_bad_actor_files(tmp_path):
+    with pytest.raises(InputError, match="behaviour-policy checkpoint not found.*walker2d_sac_020k.pt"):
+        load_actor(str(tmp_path / "absent.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CorruptFileError, match="garbage.pt"):
+        load_actor(str(garbage))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CorruptFileError, match="empty"):
+        load_actor(str(empty))
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"actor": {}, "meta": {"obs_dim": 3}, "extra": SquashedGaussianActor}, unsafe)  # a pickled class
+    with pytest.raises(UnsafeFileError, match="unsafe.pt"):
+        load_actor(str(unsafe))
+    actor = SquashedGaussianActor(11, 3, hidden=(8,), low=[-1] * 3, high=[1] * 3)
+    meta = {"env_id": ENV, "obs_dim": 11, "act_dim": 3, "hidden": [8], "low": [-1.0] * 3, "high": [1.0] * 3}
+    cases = {
+        "no-meta.pt": ({"actor": actor.state_dict()}, r"keys 'actor' .* and 'meta'"),
+        "bad-dim.pt": ({"actor": actor.state_dict(), "meta": {**meta, "obs_dim": "11"}}, r"meta\['obs_dim'\]"),
+        "bad-box.pt": ({"actor": actor.state_dict(), "meta": {**meta, "low": [-1.0]}}, r"meta\['low'\]"),
+        "mismatch.pt": ({"actor": actor.state_dict(), "meta": {**meta, "hidden": [16]}}, "does not fit meta"),
+        "nan.pt": ({"actor": {**actor.state_dict(), "mu.bias": torch.full((3,), float("nan"))}, "meta": meta}, "NaN"),
+    }
+    for name, (obj, pattern) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(InputError, match=pattern) as info:
+            load_actor(str(tmp_path / name))
+        assert name in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped behaviour checkpoints
+
+
+def test_shipped_checkpoints_load_weights_only_and_act_deterministically():
+    shipped = shipped_checkpoints()
+    assert sorted(shipped) == [f"walker2d_sac_{k}.pt" for k in ("020k", "100k", "140k", "180k", "200k")]
+    assert (CHECKPOINT_DIR / "README.md").is_file()
+    obs = torch.linspace(-1, 1, 17).reshape(1, 17)
+    for name, path in shipped.items():
+        state = torch.load(path, weights_only=True)  # plain state dict + plain-Python meta
+        assert set(state) == {"actor", "meta"}
+        actor, meta = load_actor(name)  # by file name, from any working directory
+        assert meta["env_id"] == "Walker2d-v5" and (meta["obs_dim"], meta["act_dim"]) == (17, 6)
+        again, _ = load_actor(str(path))
+        with torch.no_grad():
+            a = actor(obs, deterministic=True)
+            assert torch.equal(a, again(obs, deterministic=True))
+            noisy = [m(obs, generator=torch.Generator().manual_seed(3)) for m in (actor, again)]
+        assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], a)
+        assert torch.all(a.abs() <= 1.0)
+
+
+def test_actor_path_resolution(tmp_path, monkeypatch):
+    shipped = shipped_checkpoints()["walker2d_sac_020k.pt"]
+    assert resolve_actor_path("walker2d_sac_020k.pt") == str(shipped)
+    # paths into the former assets/behaviour/ folder (configs of earlier runs) still resolve
+    assert resolve_actor_path("assets/behaviour/walker2d_sac_020k.pt") == str(shipped)
+    assert resolve_actor_path("/old/checkout/assets/behaviour/walker2d_sac_020k.pt") == str(shipped)
+    with pytest.raises(InputError):
+        resolve_actor_path("elsewhere/walker2d_sac_020k.pt")  # another folder is not silently redirected
+    own = tmp_path / "walker2d_sac_020k.pt"  # an existing file wins
+    own.write_bytes(shipped.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert resolve_actor_path("walker2d_sac_020k.pt") == "walker2d_sac_020k.pt"
