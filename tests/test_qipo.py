@@ -59,7 +59,7 @@ def test_grouped_weights_are_a_softmax_of_standardised_q_per_state():
 def test_qipo_improves_on_behaviour_and_caches_stages(tmp_path):
     torch.set_num_threads(1)
     data, _ = bandit()
-    qipo = QIPO(data, tiny_config(), str(tmp_path), dataset_key="bandit", device="cpu", progress=False)
+    qipo = QIPO(data, tiny_config(), str(tmp_path), device="cpu", progress=False)
     rewards = {}
     records = qipo.run_rounds(evaluate=lambda pol, r: {"reward": expected_reward(pol)})
     rewards = [rec["reward"] for rec in records]
@@ -74,7 +74,7 @@ def test_qipo_improves_on_behaviour_and_caches_stages(tmp_path):
     # a new β: behaviour model and critic are reused, only the rounds run again
     behaviour_done = os.path.getmtime(qipo.behaviour_stage.file("done.json"))
     critic_done = os.path.getmtime(qipo.critic_stage.file("done.json"))
-    qipo_b0 = QIPO(data, tiny_config(beta=0.0, rounds=1), str(tmp_path), dataset_key="bandit", device="cpu",
+    qipo_b0 = QIPO(data, tiny_config(beta=0.0, rounds=1), str(tmp_path), device="cpu",
                    progress=False)
     assert qipo_b0.behaviour_stage.done and qipo_b0.critic_stage.done and not qipo_b0.rounds_stage.done
     control = qipo_b0.run_rounds(evaluate=lambda pol, r: {"reward": expected_reward(pol)})
@@ -82,11 +82,11 @@ def test_qipo_improves_on_behaviour_and_caches_stages(tmp_path):
     assert os.path.getmtime(qipo.behaviour_stage.file("done.json")) == behaviour_done
     assert os.path.getmtime(qipo.critic_stage.file("done.json")) == critic_done
     # a new critic temperature invalidates the critic (and rounds) but not the behaviour model
-    qipo_a = QIPO(data, tiny_config(alpha=1.0), str(tmp_path), dataset_key="bandit", device="cpu", progress=False)
+    qipo_a = QIPO(data, tiny_config(alpha=1.0), str(tmp_path), device="cpu", progress=False)
     assert qipo_a.behaviour_stage.done and not qipo_a.critic_stage.done
 
     # resume: a finished rounds stage returns its records without training
-    again = QIPO(data, tiny_config(), str(tmp_path), dataset_key="bandit", device="cpu", progress=False)
+    again = QIPO(data, tiny_config(), str(tmp_path), device="cpu", progress=False)
     assert [r["round"] for r in again.run_rounds()] == [0, 1, 2]
 
 
@@ -118,13 +118,13 @@ def test_changing_the_number_of_rounds_reads_a_prefix_or_continues(tmp_path):
     torch.set_num_threads(1)
     data, _ = bandit()
     long_dir, short_dir = tmp_path / "long", tmp_path / "short"
-    full = QIPO(data, tiny_config(rounds=3), str(long_dir), dataset_key="bandit", device="cpu", progress=False)
+    full = QIPO(data, tiny_config(rounds=3), str(long_dir), device="cpu", progress=False)
     records = full.run_rounds(evaluate=lambda pol, r: {"reward": expected_reward(pol)})
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     round3 = full.rounds_stage.file("round3/policy.pt")
     stamp = os.path.getmtime(round3)
 
-    prefix = QIPO(data, tiny_config(rounds=2), str(long_dir), dataset_key="bandit", device="cpu", progress=False)
+    prefix = QIPO(data, tiny_config(rounds=2), str(long_dir), device="cpu", progress=False)
     assert prefix.rounds_stage.path == full.rounds_stage.path
     calls = []
     got = prefix.run_rounds(evaluate=lambda pol, r: calls.append(r) or {})
@@ -133,8 +133,8 @@ def test_changing_the_number_of_rounds_reads_a_prefix_or_continues(tmp_path):
     assert os.path.getmtime(round3) == stamp
 
     # 2 rounds, then 3: the third continues the cached chain and equals the long run's
-    QIPO(data, tiny_config(rounds=2), str(short_dir), dataset_key="bandit", device="cpu", progress=False).run_rounds()
-    more = QIPO(data, tiny_config(rounds=3), str(short_dir), dataset_key="bandit", device="cpu", progress=False)
+    QIPO(data, tiny_config(rounds=2), str(short_dir), device="cpu", progress=False).run_rounds()
+    more = QIPO(data, tiny_config(rounds=3), str(short_dir), device="cpu", progress=False)
     more.run_rounds()
     a = torch.load(more.rounds_stage.file("round3/policy.pt"))
     b = torch.load(round3)

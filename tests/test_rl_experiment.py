@@ -14,7 +14,9 @@ from domains.rl.experiment import OfflineRLExperiment  # noqa: E402
 from energyflow.cli import main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACTORS = [os.path.join(ROOT, "assets", "behaviour", f"walker2d_sac_{k}.pt") for k in ("020k", "100k", "200k")]
+CHECKPOINTS = next(d for d in (os.path.join(ROOT, "domains", "rl", "behaviour_checkpoints"),
+                                os.path.join(ROOT, "assets", "behaviour")) if os.path.isdir(d))
+ACTORS = [os.path.join(CHECKPOINTS, f"walker2d_sac_{k}.pt") for k in ("020k", "100k", "200k")]
 TINY_QIPO = {"hidden": 32, "depth": 2, "num_support": 4, "critic_hidden": 32,
              "behaviour": {"steps": 30, "batch_size": 64}, "critic": {"steps": 30, "batch_size": 64},
              "critic_states": 256, "rounds": 2, "round_steps": 5, "round_states": 64,

@@ -9,8 +9,8 @@ their configuration, so changing β or the number of rounds retrains neither μ 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -18,11 +18,34 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from energyflow.experiment import Experiment, write_json
+from energyflow.errors import InputError
+from energyflow.experiment import Experiment
+from energyflow.files import atomic_open, check_writable, read_json, write_json, write_text
 
 __all__ = ["OfflineRLExperiment", "ALGOS"]
 
 ALGOS = ("qipo_ot", "qipo_diff", "qgpo", "bc")
+
+
+def _seed_list(seeds: Any) -> list[int]:
+    values = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+    out = []
+    for s in values:
+        if isinstance(s, float) and s.is_integer():
+            s = int(s)
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise InputError(f"experiment.seeds must be a list of integers, got {seeds!r}")
+        out.append(s)
+    if not out or len(set(out)) != len(out):
+        raise InputError(f"experiment.seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    return out
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` atomically (a crash leaves the old ``dst`` or the new one)."""
+    with open(src, "rb") as f, atomic_open(dst, "wb") as out:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
 
 
 class OfflineRLExperiment(Experiment):
@@ -31,9 +54,10 @@ class OfflineRLExperiment(Experiment):
     Args:
         env_id: the Gymnasium environment evaluated on (e.g. ``"Walker2d-v5"``).
         dataset: a Minari id, a D4RL ``.hdf5`` path, or ``"default"`` (the dataset built from the
-            behaviour checkpoints shipped in ``assets/``, created in the local Minari store on first use).
+            behaviour checkpoints shipped with the package, created in the local Minari store on first use).
         algo: ``qipo_ot``, ``qipo_diff``, ``qgpo`` or ``bc``.
-        qipo: :class:`~domains.rl.qipo.QIPOConfig` fields (``path`` is set from ``algo``).
+        qipo: :class:`~domains.rl.qipo.QIPOConfig` fields (``path`` is set from ``algo``, ``seed``
+            from ``seeds``).
         seeds: the seeds to run (results are mean ± std over them).
         eval_episodes, eval_seed: evaluation protocol (episode i of an evaluation resets with
             ``eval_seed + i``; the same episodes for every algorithm and round).
@@ -42,6 +66,9 @@ class OfflineRLExperiment(Experiment):
         cache_dir: where stages are cached (default ``<run_dir>/../cache``, shared by runs of a recipe).
         default_dataset: how to build ``"default"``: ``{"id", "actors", "steps_per_actor"}``.
         device, progress: as for the trainer.
+
+    Every argument is checked here, before any data is loaded or anything trained: a bad value
+    raises :class:`~energyflow.errors.InputError` naming its recipe key (``experiment.qipo.beta``…).
     """
 
     def __init__(self, env_id: str = "Walker2d-v5", dataset: str = "default", algo: str = "qipo_ot",
@@ -50,18 +77,43 @@ class OfflineRLExperiment(Experiment):
                  cache_dir: Optional[str] = None, default_dataset: Optional[dict] = None,
                  device: str = "auto", progress: bool = True):
         if algo not in ALGOS:
-            raise ValueError(f"unknown algo {algo!r}; choose one of {ALGOS}")
+            raise InputError(f"experiment.algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+        for name, value in (("env_id", env_id), ("dataset", dataset), ("device", device)):
+            if not isinstance(value, str) or not value:
+                raise InputError(f"experiment.{name} must be a non-empty string, got {value!r}")
+        for name, value in (("download", download), ("progress", progress)):
+            if not isinstance(value, bool):
+                raise InputError(f"experiment.{name} must be true or false, got {value!r}")
+        if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+            raise InputError(f"experiment.cache_dir must be a folder path or null, got {cache_dir!r}")
+        if default_dataset is not None and not isinstance(default_dataset, dict):
+            raise InputError(f"experiment.default_dataset must be a mapping (id, actors, steps_per_actor), "
+                             f"got {default_dataset!r}")
+        if isinstance(eval_episodes, bool) or not isinstance(eval_episodes, int) or eval_episodes < 1:
+            raise InputError(f"experiment.eval_episodes must be an integer >= 1, got {eval_episodes!r}")
+        if isinstance(eval_seed, bool) or not isinstance(eval_seed, int):
+            raise InputError(f"experiment.eval_seed must be an integer, got {eval_seed!r}")
+        if (isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float))
+                or not math.isfinite(reward_scale) or reward_scale <= 0):
+            raise InputError(f"experiment.reward_scale must be a finite number > 0, got {reward_scale!r}")
+        if qipo is not None and not isinstance(qipo, dict):
+            raise InputError(f"experiment.qipo must be a mapping of QIPO settings, got {qipo!r}")
+        for name, source in (("path", "experiment.algo"), ("seed", "experiment.seeds")):
+            if name in (qipo or {}):
+                raise InputError(f"experiment.qipo.{name} is set from {source}; remove it")
         self.env_id, self.dataset, self.algo = env_id, dataset, algo
         self.qipo_cfg = dict(qipo or {})
-        self.seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
-        self.eval_episodes, self.eval_seed = int(eval_episodes), int(eval_seed)
-        self.reward_scale, self.download = float(reward_scale), bool(download)
+        self.seeds = _seed_list(seeds)
+        self.eval_episodes, self.eval_seed = eval_episodes, eval_seed
+        self.reward_scale, self.download = float(reward_scale), download
         self.cache_dir, self.default_dataset = cache_dir, dict(default_dataset or {})
-        self.device, self.progress = device, bool(progress)
+        self.device, self.progress = device, progress
+        self._config(self.seeds[0])  # every QIPO setting checked now, not after the first stages trained
 
     # -- data ------------------------------------------------------------------------------------------
     def load_data(self):
-        """The dataset as :class:`~domains.rl.datasets.Transitions`, checked against the environment."""
+        """The dataset as :class:`~domains.rl.datasets.Transitions` (rewards scaled by ``reward_scale``),
+        checked against the environment, and the dataset's name."""
         import gymnasium as gym
 
         from .datasets import load_dataset
@@ -109,27 +161,31 @@ class OfflineRLExperiment(Experiment):
         return dataset_id
 
     # -- running ---------------------------------------------------------------------------------------
-    def _qipo(self, data, key: str, seed: int, cache_dir: str):
-        from .qipo import QIPO, QIPOConfig
+    def _config(self, seed: int):
+        """The checked :class:`~domains.rl.qipo.QIPOConfig` of one seed."""
+        from .qipo import QIPOConfig
 
-        fields = {f.name for f in dataclasses.fields(QIPOConfig)}
-        unknown = set(self.qipo_cfg) - fields
-        if unknown:
-            raise ValueError(f"unknown qipo settings {sorted(unknown)}; valid: {sorted(fields)}")
         path = "vp" if self.algo in ("qipo_diff", "qgpo") else "ot"
-        cfg = QIPOConfig(**{**self.qipo_cfg, "path": path, "seed": seed})
+        cfg = QIPOConfig.from_dict({**self.qipo_cfg, "path": path, "seed": seed}, where="experiment.qipo")
         if self.algo == "bc":
             cfg.rounds = 0
-        return QIPO(data, cfg, cache_dir, dataset_key=key, device=self.device, progress=self.progress)
+        return cfg
 
-    def _evaluator(self, data, predictor_fn=None):
+    def _qipo(self, data, seed: int, cache_dir: str, fingerprints: Optional[dict] = None):
+        from .qipo import QIPO
+
+        return QIPO(data, self._config(seed), cache_dir, device=self.device, progress=self.progress,
+                    fingerprints=fingerprints, reward_scale=self.reward_scale)
+
+    def _evaluator(self, data, predictor_fn=None, sampler: Optional[dict] = None):
         from .evaluate import evaluate_policy
 
         def evaluate(policy, rnd: int) -> dict:
             g = torch.Generator().manual_seed(self.eval_seed)
             predictor = predictor_fn() if predictor_fn is not None else None
             start = time.perf_counter()
-            res = evaluate_policy(lambda obs: policy.act(obs.to(policy.obs_mean.device), g, predictor=predictor),
+            res = evaluate_policy(lambda obs: policy.act(obs.to(policy.obs_mean.device), g, predictor=predictor,
+                                                         sampler=sampler),
                                   self.env_id, self.eval_episodes, self.eval_seed,
                                   data.ref_min_score, data.ref_max_score)
             where = f"round {rnd}" if rnd >= 0 else "final policy"
@@ -138,18 +194,24 @@ class OfflineRLExperiment(Experiment):
 
         return evaluate
 
-    def run_seed(self, data, key: str, seed: int, run_dir: str, cache_dir: str) -> list[dict]:
+    def run_seed(self, data, key: str, seed: int, run_dir: str, cache_dir: str,
+                 fingerprints: Optional[dict] = None) -> list[dict]:
+        """Train (or read from the cache) and evaluate one seed; writes ``seed<k>/`` of the run directory:
+        ``evals.jsonl``, ``summary.json`` and the final weights (``policy.pt``, and for QGPO
+        ``qgpo_energy.pt``), so the run directory evaluates on its own, without the cache."""
         seed_dir = os.path.join(run_dir, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
-        qipo = self._qipo(data, key, seed, cache_dir)
+        qipo = self._qipo(data, seed, cache_dir, fingerprints)
         timings = {}
         t0 = time.perf_counter()
         mu = qipo.behaviour()
         timings["behaviour"] = round(time.perf_counter() - t0, 1)
+        stages = {"behaviour": qipo.behaviour_stage}
         if self.algo == "qgpo":
             t0 = time.perf_counter()
             predictor = qipo.qgpo_predictor(mu)
             timings["critic+qgpo"] = round(time.perf_counter() - t0, 1)
+            stages.update({"critic": qipo.critic_stage, "critic+qgpo": qipo.qgpo_stage})
             records = [{"round": 0, **self._evaluator(data, lambda: predictor)(mu, 0)}]
         elif self.algo == "bc":
             records = [{"round": 0, **self._evaluator(data)(mu, 0)}]
@@ -160,34 +222,59 @@ class OfflineRLExperiment(Experiment):
             t0 = time.perf_counter()
             records = qipo.run_rounds(evaluate=self._evaluator(data))
             timings["rounds"] = round(time.perf_counter() - t0, 1)
-        with open(os.path.join(seed_dir, "evals.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        final = (qipo.rounds_stage.file(f"round{records[-1]['round']}/policy.pt")
-                 if self.algo in ("qipo_ot", "qipo_diff") and records[-1]["round"] > 0
-                 else qipo.behaviour_stage.file("policy.pt"))
-        write_json({"records": records, "stage_seconds": timings, "final_policy": final,
-                    "qgpo_energy": qipo.qgpo_stage.file("energy.pt") if self.algo == "qgpo" else None,
-                    "stages": {"behaviour": qipo.behaviour_stage.path, "critic": qipo.critic_stage.path}},
+            stages.update({"critic": qipo.critic_stage, "rounds": qipo.rounds_stage})
+        write_text("".join(json.dumps(r) + "\n" for r in records), os.path.join(seed_dir, "evals.jsonl"))
+        _copy_atomic(qipo.final_policy_file(records), os.path.join(seed_dir, "policy.pt"))
+        if self.algo == "qgpo":
+            _copy_atomic(qipo.qgpo_stage.file("energy.pt"), os.path.join(seed_dir, "qgpo_energy.pt"))
+        # paths relative to the run directory; stages by their folder name in the cache (never absolute)
+        write_json({"records": records, "stage_seconds": timings,
+                    "final_policy": f"seed{seed}/policy.pt", "final_round": records[-1]["round"],
+                    "qgpo_energy": f"seed{seed}/qgpo_energy.pt" if self.algo == "qgpo" else None,
+                    "stages": {name: os.path.basename(stage.folder) for name, stage in stages.items()},
+                    "stage_compute_seconds": {name: stage.summary.get("seconds") for name, stage in stages.items()},
+                    "dataset": key, "dataset_fingerprint": qipo.fingerprints},
                    os.path.join(seed_dir, "summary.json"))
         return records
 
-    def evaluate(self, run_dir: str) -> dict[str, Any]:
-        """Load each seed's final policy from ``run_dir`` and evaluate it again (same protocol)."""
-        data, key = self.load_data()
-        cache_dir = self._cache_dir(run_dir)
-        scores = {}
+    def evaluate(self, run_dir: str, sampler: Optional[dict] = None) -> dict[str, Any]:
+        """Load each seed's final policy from ``run_dir`` (``seed<k>/policy.pt``, written by :meth:`run`)
+        and evaluate it again with the same protocol; the stage cache is not needed, so a copied or
+        moved run directory evaluates too.  ``sampler`` overrides the policy's sampler."""
+        from energyflow.runtime import resolve_device
+
+        from .policy import load_weights
+        from .qipo import guided_predictor, make_energy_net, make_policy
+
+        check_writable(run_dir, what="run directory")  # eval.json goes there: fail before the work
+        summaries = {}
         for seed in self.seeds:
             path = os.path.join(run_dir, f"seed{seed}", "summary.json")
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: run the recipe first")
-            with open(path, encoding="utf-8") as f:
-                summary = json.load(f)
-            qipo = self._qipo(data, key, seed, cache_dir)
-            policy = qipo.new_policy()
-            policy.load_state_dict(torch.load(summary["final_policy"], map_location=qipo.device))
-            predictor_fn = (lambda: qipo.qgpo_predictor(policy)) if self.algo == "qgpo" else None
-            record = self._evaluator(data, predictor_fn)(policy.eval(), -1)
-            scores[seed] = record
+                raise InputError(f"{path} is missing: run the recipe first (energyflow run)")
+            summaries[seed] = read_json(path, what=f"summary of seed {seed}")
+        data, _ = self.load_data()
+        device = resolve_device(self.device)
+        scores = {}
+        for seed, summary in summaries.items():
+            cfg = self._config(seed)
+
+            def weights_file(key: str) -> str:
+                rel = summary.get(key) if isinstance(summary, dict) else None
+                if not isinstance(rel, str) or not rel:
+                    raise InputError(f"{os.path.join(run_dir, f'seed{seed}', 'summary.json')} has no {key!r} "
+                                     f"(written by an unfinished or older run); rerun the recipe")
+                return os.path.join(run_dir, rel)
+
+            policy = make_policy(cfg, data.obs_dim, data.act_dim).to(device)
+            load_weights(policy, weights_file("final_policy"), f"final policy of seed {seed}", map_location=device)
+            predictor_fn = None
+            if self.algo == "qgpo":
+                net = make_energy_net(cfg, data.obs_dim, data.act_dim).to(device)
+                load_weights(net, weights_file("qgpo_energy"), f"QGPO energy network of seed {seed}", map_location=device)
+                predictor = guided_predictor(policy.eval(), net, cfg)
+                predictor_fn = lambda predictor=predictor: predictor  # noqa: E731
+            scores[seed] = self._evaluator(data, predictor_fn, sampler)(policy.eval(), -1)
         values = np.array([r["normalized_score"] for r in scores.values()])
         result = {"algo": self.algo, "per_seed": {str(k): v for k, v in scores.items()},
                   "normalized_score": {"mean": float(values.mean()), "std": float(values.std())}}
@@ -199,12 +286,17 @@ class OfflineRLExperiment(Experiment):
         return self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "cache")
 
     def run(self, run_dir: str) -> dict[str, Any]:
-        data, key = self.load_data()
+        from .qipo import transitions_fingerprint
+
         cache_dir = self._cache_dir(run_dir)
+        check_writable(run_dir, what="run directory")
+        check_writable(cache_dir, what="stage cache")
+        data, key = self.load_data()
+        fingerprints = transitions_fingerprint(data)  # once per run: the stages' keys hold the data's contents
         per_seed = {}
         for seed in self.seeds:
             print(f"{self.algo} on {key}, seed {seed}")
-            per_seed[seed] = self.run_seed(data, key, seed, run_dir, cache_dir)
+            per_seed[seed] = self.run_seed(data, key, seed, run_dir, cache_dir, fingerprints)
         results = self.summarize(per_seed)
         write_json(results, os.path.join(run_dir, "results.json"))
         self.plot(per_seed, os.path.join(run_dir, "learning_curve.png"))

@@ -6,17 +6,43 @@ ALGORITHMS §7) and clips only when acting in the environment or querying the cr
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from energyflow.errors import CorruptFileError
+from energyflow.files import load_torch
 from energyflow.nets import MLPField
 from energyflow.paths import build_path
 from energyflow.predictor import Predictor
 from energyflow.samplers import build_sampler
 
-__all__ = ["GenerativePolicy"]
+__all__ = ["GenerativePolicy", "load_weights"]
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str, map_location: Any = "cpu") -> nn.Module:
+    """Load a ``state_dict`` saved with :func:`energyflow.files.atomic_torch_save` into ``module``.
+
+    The file is read with ``weights_only=True`` (:func:`energyflow.files.load_torch`): a pickle that
+    would need code to load is refused and nothing in it runs.
+
+    Raises:
+        InputError: ``path`` is missing.
+        CorruptFileError: empty, truncated, not a state dict, or weights that do not fit ``module``
+            (a file of another network); the message names ``what`` and ``path`` on one line.
+        UnsafeFileError: the file holds Python objects beyond tensors and containers.
+    """
+    state = load_torch(path, what=what, map_location=map_location)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CorruptFileError(f"{what} {os.fspath(path)} holds a {type(state).__name__}, not a state dict of tensors")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CorruptFileError(f"{what} {os.fspath(path)} does not fit the configured network ({reason})") from None
+    return module
 
 
 class GenerativePolicy(nn.Module):

@@ -13,26 +13,33 @@ so changing β or the number of rounds retrains neither the behaviour model nor 
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from energyflow.data import TensorBatchSource
+from energyflow.errors import CorruptFileError, InputError
+from energyflow.files import append_jsonl, atomic_torch_save, load_torch, read_jsonl
 from energyflow.guidance import CEPGuidedPredictor
 from energyflow.losses import ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss
 from energyflow.nets import MLPEnergyNet
-from energyflow.stages import Stage
+from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import Trainer, TrainerConfig
 
 from .critic import InSupportCriticLoss, TwinQ
 from .datasets import Transitions
-from .policy import GenerativePolicy
+from .policy import GenerativePolicy, load_weights
 
-__all__ = ["QIPOConfig", "QIPO", "standardize_within_groups"]
+__all__ = ["QIPOConfig", "QIPO", "standardize_within_groups", "transitions_fingerprint", "make_policy",
+           "make_energy_net", "guided_predictor"]
+
+TRANSITION_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "episode_ids")
+"""The arrays of :class:`~domains.rl.datasets.Transitions` whose contents key the stages."""
 
 
 @dataclass
@@ -77,6 +84,138 @@ class QIPOConfig:
     checkpoint_every: int = 1000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "qipo") -> None:
+        """Check every field; a bad one raises :class:`~energyflow.errors.InputError` naming
+        ``<where>.<field>`` and what is expected.  Integral floats (``4.0``) become ints."""
+        for name, value in _check_settings(asdict(self), where).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], where: str = "qipo") -> "QIPOConfig":
+        """Build from a recipe's dict: unknown keys and bad values raise an
+        :class:`~energyflow.errors.InputError` naming the recipe key (``where`` is its prefix)."""
+        if not isinstance(settings, Mapping):
+            raise InputError(f"{where} must be a mapping of QIPO settings, got {type(settings).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise InputError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(known)}")
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(cls)}
+        checked = _check_settings({**defaults, **dict(settings)}, where)
+        return cls(**checked)
+
+
+_TRAINER_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainerConfig))
+# round_trainer keys that QIPO sets itself (a value there would be silently replaced)
+_SET_PER_ROUND = {"steps": "use round_steps", "seed": "rounds are seeded from seed", "resume": "rounds never resume"}
+_QGPO_NET = ("hidden", "depth", "scale")
+
+
+def _integer(value: Any, where: str, minimum: Optional[int] = None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        need = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise InputError(f"{where} must be {need}, got {value!r}")
+    return value
+
+
+def _number(value: Any, where: str, low: float, high: float = math.inf, low_inclusive: bool = True,
+            high_inclusive: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
+    if not ok:
+        if math.isinf(high):
+            need = f"{'>=' if low_inclusive else '>'} {low:g}"
+        else:
+            need = f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+        raise InputError(f"{where} must be a finite number {need}, got {value!r}")
+    return float(value)
+
+
+def _trainer_settings(value: Any, where: str, extra: Mapping[str, Any] = {}, refused: Mapping[str, str] = {}) -> dict:
+    """Check a trainer dict: only :class:`TrainerConfig` keys (plus ``extra``), values as TrainerConfig
+    checks them (it is built once here, so a bad value fails before any training)."""
+    if not isinstance(value, Mapping):
+        raise InputError(f"{where} must be a mapping of trainer settings, got {value!r}")
+    value = dict(value)
+    for key, why in refused.items():
+        if key in value:
+            raise InputError(f"{where}.{key} is set by QIPO itself ({why}); remove it")
+    unknown = sorted(set(value) - _TRAINER_FIELDS - set(extra))
+    if unknown:
+        raise InputError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(_TRAINER_FIELDS | set(extra))}")
+    try:
+        TrainerConfig(**{k: v for k, v in value.items() if k not in extra})
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{where}: {err}") from None
+    for key, check in extra.items():
+        if key in value:
+            value[key] = check(value[key], f"{where}.{key}")
+    return value
+
+
+def _check_settings(v: dict[str, Any], where: str) -> dict[str, Any]:
+    """Checked (and normalised) copies of every :class:`QIPOConfig` field in ``v``."""
+    w = lambda name: f"{where}.{name}"  # noqa: E731
+    out = dict(v)
+    if v["path"] not in ("ot", "vp"):
+        raise InputError(f"{w('path')} must be 'ot' or 'vp', got {v['path']!r}")
+    for name in ("hidden", "depth", "critic_hidden", "critic_depth", "round_steps", "round_states"):
+        out[name] = _integer(v[name], w(name), minimum=1)
+    # standardising Q within a state's group needs a spread: at least two support actions
+    out["num_support"] = _integer(v["num_support"], w("num_support"), minimum=2)
+    out["rounds"] = _integer(v["rounds"], w("rounds"), minimum=0)
+    out["checkpoint_every"] = _integer(v["checkpoint_every"], w("checkpoint_every"), minimum=0)
+    out["seed"] = _integer(v["seed"], w("seed"))
+    if v["critic_states"] is not None:
+        out["critic_states"] = _integer(v["critic_states"], w("critic_states"), minimum=1)
+    out["gamma"] = _number(v["gamma"], w("gamma"), 0.0, 1.0)
+    out["alpha"] = _number(v["alpha"], w("alpha"), 0.0)
+    out["beta"] = _number(v["beta"], w("beta"), 0.0)
+    out["behaviour"] = _trainer_settings(v["behaviour"], w("behaviour"))
+    out["critic"] = _trainer_settings(v["critic"], w("critic"))
+    out["round_trainer"] = _trainer_settings(v["round_trainer"], w("round_trainer"), refused=_SET_PER_ROUND)
+    positive = lambda x, at: _integer(x, at, minimum=1)  # noqa: E731
+    out["qgpo"] = _trainer_settings(v["qgpo"], w("qgpo"), extra={"hidden": positive, "depth": positive,
+                                                              "scale": lambda x, at: _number(x, at, 0.0)})
+    m = out["num_support"]
+    for name in ("round_trainer", "qgpo"):  # both losses weight whole groups of M actions per state
+        batch = out[name].get("batch_size", TrainerConfig.batch_size)
+        if batch % m:
+            raise InputError(f"{w(name)}.batch_size ({batch}) must be a multiple of {w('num_support')} ({m}): "
+                             f"the weights are a softmax within each state's {m} actions")
+    return out
+
+
+def transitions_fingerprint(data: Transitions) -> dict[str, str]:
+    """A content hash of each array of ``data`` (:data:`TRANSITION_ARRAYS`), for the stage keys.
+
+    Computed once per run and passed to every :class:`QIPO` of the run: a dataset replaced at the
+    same path, or rebuilt under the same Minari id, gets new keys, so stale stages are never reused."""
+    return {name: fingerprint(getattr(data, name)) for name in TRANSITION_ARRAYS}
+
+
+def make_policy(cfg: QIPOConfig, obs_dim: int, act_dim: int, obs_mean: Optional[Tensor] = None,
+                obs_std: Optional[Tensor] = None) -> GenerativePolicy:
+    """An untrained policy shaped as ``cfg`` says (the normalisation is part of its saved weights)."""
+    return GenerativePolicy(obs_dim, act_dim, cfg.path, cfg.hidden, cfg.depth, obs_mean=obs_mean, obs_std=obs_std)
+
+
+def make_energy_net(cfg: QIPOConfig, obs_dim: int, act_dim: int) -> MLPEnergyNet:
+    """QGPO's untrained time-dependent energy network f(a_t, t, s)."""
+    return MLPEnergyNet(act_dim, hidden=cfg.qgpo.get("hidden", 128), depth=cfg.qgpo.get("depth", 3), cond_dim=obs_dim)
+
+
+def guided_predictor(behaviour: GenerativePolicy, energy_net: nn.Module, cfg: QIPOConfig) -> CEPGuidedPredictor:
+    """QGPO's sampler model: μ guided by ∇f at scale ``cfg.qgpo["scale"]``."""
+    return CEPGuidedPredictor(behaviour.predictor(), energy_net.eval(), scale=float(cfg.qgpo.get("scale", 1.0)))
+
 
 def standardize_within_groups(q: Tensor, min_std: float = 1e-3) -> Tensor:
     """``(q − mean_g) / std_g`` within each row of ``q`` [G, M] (std floored at ``min_std``)."""
@@ -87,29 +226,50 @@ class QIPO:
     """The QIPO pipeline on a dataset, with cached stages under ``cache_dir``.
 
     Args:
-        data: the offline transitions (raw observations; the policy and critic normalise them).
-        config: a :class:`QIPOConfig`.
+        data: the offline transitions (raw observations; the policy and critic normalise them),
+            rewards already multiplied by ``reward_scale``.
+        config: a :class:`QIPOConfig` (checked again here).
         cache_dir: where stages live (share it between runs to reuse the behaviour model and critic).
-        dataset_key: identifies the dataset in the stage keys (e.g. its Minari id).
         device: torch device for training.
         progress: show progress bars.
+        fingerprints: :func:`transitions_fingerprint` of ``data`` when the caller already has it (one
+            hash per run, not one per seed); computed here otherwise.
+        reward_scale: the factor already applied to ``data.rewards``: recorded in the critic's key
+            (on top of the rewards' fingerprint) so the Q scale of a cached critic is explicit.
+
+    Stage keys hold everything that changes a stage's output: the contents of the arrays it reads,
+    every setting it uses and its upstream stages' keys.  Left out on purpose: ``rounds`` (a chain,
+    see :meth:`run_rounds`), ``qgpo["scale"]`` (used at sampling time only), ``checkpoint_every``
+    (resume from a checkpoint is exact, so where a stage was checkpointed does not change it), and
+    ``device`` / ``progress`` (where and how visibly it runs).
     """
 
-    def __init__(self, data: Transitions, config: QIPOConfig, cache_dir: str, dataset_key: str,
-                 device: str = "auto", progress: bool = True):
+    def __init__(self, data: Transitions, config: QIPOConfig, cache_dir: str, device: str = "auto",
+                 progress: bool = True, *, fingerprints: Optional[Mapping[str, str]] = None,
+                 reward_scale: float = 1.0):
         from energyflow.runtime import resolve_device
 
+        config.validate()
         self.data, self.cfg, self.cache_dir = data, config, cache_dir
         self.device = resolve_device(device)
         self.progress = progress
         self.obs_mean, self.obs_std = data.observation_stats()
+        fp = dict(fingerprints) if fingerprints is not None else transitions_fingerprint(data)
+        missing = [name for name in TRANSITION_ARRAYS if name not in fp]
+        if missing:
+            raise ValueError(f"fingerprints lacks {missing}: pass transitions_fingerprint(data)")
+        self.fingerprints = fp
         c = config
-        self.behaviour_stage = Stage("behaviour", {"dataset": dataset_key, "path": c.path, "hidden": c.hidden,
-                                                  "depth": c.depth, "trainer": c.behaviour, "seed": c.seed}, cache_dir)
-        self.critic_stage = Stage("critic", {"num_support": c.num_support, "hidden": c.critic_hidden,
-                                             "depth": c.critic_depth, "gamma": c.gamma, "alpha": c.alpha,
-                                             "states": c.critic_states, "trainer": c.critic, "seed": c.seed},
-                                  cache_dir, upstream=[self.behaviour_stage])
+        # behaviour: μ(a | s) reads the observations (also their mean/std) and the actions only
+        self.behaviour_stage = Stage("behaviour", {
+            "data": {k: fp[k] for k in ("observations", "actions")}, "path": c.path, "hidden": c.hidden,
+            "depth": c.depth, "trainer": c.behaviour, "seed": c.seed}, cache_dir)
+        # critic: the rest of the transitions (returns-to-go in its summary read episode ids)
+        self.critic_stage = Stage("critic", {
+            "data": {k: fp[k] for k in ("rewards", "next_observations", "terminals", "timeouts", "episode_ids")},
+            "reward_scale": float(reward_scale), "num_support": c.num_support, "hidden": c.critic_hidden,
+            "depth": c.critic_depth, "gamma": c.gamma, "alpha": c.alpha, "states": c.critic_states,
+            "trainer": c.critic, "seed": c.seed}, cache_dir, upstream=[self.behaviour_stage])
         # The number of rounds is not part of the key: rounds form a chain (round r depends only on
         # round r − 1 and its own seeds), so asking for fewer rounds reads a prefix of a cached run
         # and asking for more continues it.
@@ -117,14 +277,20 @@ class QIPO:
                                              "round_states": c.round_states, "num_support": c.num_support,
                                              "trainer": c.round_trainer, "seed": c.seed},
                                   cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
+        # QGPO's energy net: the guidance scale is applied at sampling time only, so it is not in the key
+        self.qgpo_stage = Stage("qgpo_energy", {"beta": c.beta, "num_support": c.num_support,
+                                                **{k: v for k, v in c.qgpo.items() if k != "scale"}, "seed": c.seed},
+                                self.cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
 
     # -- builders ------------------------------------------------------------------------------------
     def new_policy(self) -> GenerativePolicy:
-        return GenerativePolicy(self.data.obs_dim, self.data.act_dim, self.cfg.path, self.cfg.hidden, self.cfg.depth,
-                                obs_mean=self.obs_mean, obs_std=self.obs_std).to(self.device)
+        return make_policy(self.cfg, self.data.obs_dim, self.data.act_dim, self.obs_mean, self.obs_std).to(self.device)
 
     def new_critic(self) -> TwinQ:
         return TwinQ(self.data.obs_dim, self.data.act_dim, self.cfg.critic_hidden, self.cfg.critic_depth).to(self.device)
+
+    def new_energy_net(self) -> MLPEnergyNet:
+        return make_energy_net(self.cfg, self.data.obs_dim, self.data.act_dim).to(self.device)
 
     def _trainer_config(self, settings: dict, **extra: Any) -> TrainerConfig:
         return TrainerConfig(**{"seed": self.cfg.seed, "device": str(self.device), "progress": self.progress,
@@ -132,6 +298,27 @@ class QIPO:
 
     def _norm(self, obs: Tensor) -> Tensor:
         return (obs - self.obs_mean.to(obs.device)) / self.obs_std.to(obs.device)
+
+    def _load(self, module: nn.Module, stage: Stage, filename: str, what: str) -> nn.Module:
+        """``module`` with the weights of ``stage``'s ``filename`` (one-line errors that say how to redo it)."""
+        try:
+            return load_weights(module, stage.file(filename), what, map_location=self.device)
+        except InputError as err:
+            raise type(err)(f"{err}; delete {stage.folder} to redo the {stage.name} stage") from None
+
+    def _support(self, path: str, what: str = "critic support set") -> tuple[Tensor, Tensor]:
+        """The ``support`` [N, M, act_dim] and ``index`` [N] saved by the critic stage, checked."""
+        saved = load_torch(path, what=what)
+        ok = isinstance(saved, dict) and isinstance(saved.get("support"), Tensor) and isinstance(saved.get("index"), Tensor)
+        if ok:
+            support, idx = saved["support"], saved["index"]
+            ok = (support.dim() == 3 and support.shape[1:] == (self.cfg.num_support, self.data.act_dim)
+                  and idx.shape == (support.shape[0],) and (len(idx) == 0 or int(idx.max()) < len(self.data)))
+        if not ok:
+            raise CorruptFileError(f"{what} {path} is not a support set of this stage (expected 'support' "
+                                   f"[N, {self.cfg.num_support}, {self.data.act_dim}] and 'index' [N]); "
+                                   f"delete {os.path.dirname(path)} to redo the critic stage")
+        return saved["support"], saved["index"]
 
     # -- stage 1: behaviour --------------------------------------------------------------------------
     def behaviour(self) -> GenerativePolicy:
@@ -145,13 +332,11 @@ class QIPO:
                               out_dir=out_dir, name="behaviour")
             result = trainer.fit()
             policy.load_state_dict(trainer.ema_module.state_dict())
-            torch.save(policy.state_dict(), os.path.join(out_dir, "policy.pt"))
+            atomic_torch_save(policy.state_dict(), os.path.join(out_dir, "policy.pt"))
             return {"final": result.metrics}
 
         self.behaviour_stage.run(train)
-        policy = self.new_policy()
-        policy.load_state_dict(torch.load(self.behaviour_stage.file("policy.pt"), map_location=self.device))
-        return policy.eval()
+        return self._load(self.new_policy(), self.behaviour_stage, "policy.pt", "behaviour policy").eval()
 
     # -- stage 2 + 3: support set and critic -----------------------------------------------------------
     def critic(self, behaviour: Optional[GenerativePolicy] = None) -> TwinQ:
@@ -164,11 +349,11 @@ class QIPO:
             idx = torch.randperm(len(d), generator=g)[:n]
             support_path = os.path.join(out_dir, "support.pt")
             if os.path.exists(support_path):  # resuming a killed critic stage: the support set is kept
-                support = torch.load(support_path)["support"]
+                support, _ = self._support(support_path)
             else:
                 support = self.sample_in_chunks(mu, d.next_observations[idx].to(self.device), self.cfg.num_support, g)
                 support = mu.clip(support).cpu()
-                torch.save({"support": support, "index": idx}, support_path)
+                atomic_torch_save({"support": support, "index": idx}, support_path)
             source = TensorBatchSource({
                 "x1": mu.clip(d.actions[idx]), "obs": self._norm(d.observations[idx]),
                 "next_obs": self._norm(d.next_observations[idx]), "reward": d.rewards[idx],
@@ -180,14 +365,12 @@ class QIPO:
                               out_dir=out_dir, name="critic")
             objective.target = trainer.ema_module
             result = trainer.fit()
-            torch.save(critic.state_dict(), os.path.join(out_dir, "critic.pt"))
+            atomic_torch_save(critic.state_dict(), os.path.join(out_dir, "critic.pt"))
             rtg = d.returns_to_go(self.cfg.gamma)[idx].mean()
             return {"final": result.metrics, "dataset_return_to_go_mean": float(rtg)}
 
         self.critic_stage.run(train)
-        critic = self.new_critic()
-        critic.load_state_dict(torch.load(self.critic_stage.file("critic.pt"), map_location=self.device))
-        return critic.eval()
+        return self._load(self.new_critic(), self.critic_stage, "critic.pt", "critic").eval()
 
     @staticmethod
     def sample_in_chunks(policy: GenerativePolicy, obs: Tensor, num: int, generator: torch.Generator,
@@ -208,6 +391,17 @@ class QIPO:
         return {"x1": actions.cpu(), "cond": obs_n.unsqueeze(1).expand(-1, m, -1).cpu(),
                 "energy": (-standardize_within_groups(q)).cpu(), "q": q.cpu()}
 
+    def _round_records(self, log_path: str) -> list[dict]:
+        """The records of ``rounds.jsonl``, checked to be rounds 0, 1, 2, … in order."""
+        if not os.path.exists(log_path):
+            return []
+        records = read_jsonl(log_path, what="QIPO rounds log")
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict) or rec.get("round") != i:
+                raise CorruptFileError(f"QIPO rounds log {log_path} line {i + 1} should be the record of round {i}, "
+                                       f"got {str(rec)[:80]}; delete {os.path.dirname(log_path)} to redo the rounds")
+        return records
+
     def run_rounds(self, evaluate: Optional[Callable[[GenerativePolicy, int], dict]] = None) -> list[dict]:
         """Run (or resume) the rounds; ``evaluate(policy, round)`` is called after each renewal
         (round 0 = the behaviour policy) and its metrics are stored in ``rounds.jsonl``.
@@ -215,69 +409,62 @@ class QIPO:
         Returns the records of rounds ``0..rounds``: when the cache holds a longer run, its prefix
         (the policy of round ``rounds`` is the result); when it holds a shorter one, it is continued.
 
-        Round ``r``'s weights are saved as ``round<r>/policy.pt`` *before* its record is appended,
-        so a run killed anywhere resumes from the last recorded round."""
+        Round ``r``'s weights are saved (atomically) as ``round<r>/policy.pt`` *before* its record is
+        appended, so a run killed anywhere resumes from the last recorded round.  The stage's lock is
+        held while the chain is read and extended: runs sharing a cache never train a round twice
+        (a second run waits, then reads the first one's rounds)."""
         mu = self.behaviour()
         critic = self.critic(mu)
         stage = self.rounds_stage
-        log_path = stage.file("rounds.jsonl")
-        records: list[dict] = []
-        if os.path.exists(log_path):
-            with open(log_path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        all_rounds = records
-        records = [rec for rec in records if rec["round"] <= self.cfg.rounds]  # a cached longer run: its prefix
-        policy = mu
-        if records:
-            last = records[-1]["round"]
-            if last > 0:
-                policy.load_state_dict(torch.load(stage.file(f"round{last}/policy.pt"), map_location=self.device))
-        else:
-            records.append({"round": 0, **(evaluate(policy, 0) if evaluate is not None else {})})
-            self._append(log_path, records[-1])
-        g = torch.Generator()
-        for r in range(records[-1]["round"] + 1, self.cfg.rounds + 1):
-            g.manual_seed(self.cfg.seed + 7919 * r)
-            batch = self.round_batch(policy.eval(), critic, g)
-            source = TensorBatchSource({k: batch[k] for k in ("x1", "cond", "energy")}, group_size=self.cfg.num_support)
-            objective = EnergyWeightedLoss(policy.path, self.cfg.beta, group_size=self.cfg.num_support)
-            round_dir = stage.file(f"round{r}")
-            trainer = Trainer(policy.train(), objective, source,
-                              self._trainer_config(self.cfg.round_trainer, steps=self.cfg.round_steps,
-                                                   seed=self.cfg.seed + r, resume=False),
-                              out_dir=round_dir, name="qipo")
-            result = trainer.fit()
-            from energyflow.runtime import atomic_torch_save
-
-            atomic_torch_save(policy.state_dict(), os.path.join(round_dir, "policy.pt"))
-            record = {"round": r, "q_support_mean": float(batch["q"].mean()),
-                      "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss")}
-            if evaluate is not None:
-                record.update(evaluate(policy.eval(), r))
-            records.append(record)
-            self._append(log_path, record)
-        stage.finish({"rounds": max(len(records), len(all_rounds)) - 1})
+        with stage.lock():
+            log_path = stage.file("rounds.jsonl")
+            all_rounds = self._round_records(log_path)
+            records = all_rounds[:self.cfg.rounds + 1]  # a cached longer run: its prefix
+            policy = mu
+            if records:
+                last = records[-1]["round"]
+                if last > 0:
+                    self._load(policy, stage, f"round{last}/policy.pt", f"policy of QIPO round {last}")
+            else:
+                records.append({"round": 0, **(evaluate(policy, 0) if evaluate is not None else {})})
+                append_jsonl(log_path, records[-1])
+            g = torch.Generator()
+            for r in range(records[-1]["round"] + 1, self.cfg.rounds + 1):
+                g.manual_seed(self.cfg.seed + 7919 * r)
+                batch = self.round_batch(policy.eval(), critic, g)
+                source = TensorBatchSource({k: batch[k] for k in ("x1", "cond", "energy")}, group_size=self.cfg.num_support)
+                objective = EnergyWeightedLoss(policy.path, self.cfg.beta, group_size=self.cfg.num_support)
+                round_dir = stage.file(f"round{r}")
+                trainer = Trainer(policy.train(), objective, source,
+                                  self._trainer_config(self.cfg.round_trainer, steps=self.cfg.round_steps,
+                                                       seed=self.cfg.seed + r, resume=False),
+                                  out_dir=round_dir, name="qipo")
+                result = trainer.fit()
+                atomic_torch_save(policy.state_dict(), os.path.join(round_dir, "policy.pt"))
+                record = {"round": r, "q_support_mean": float(batch["q"].mean()),
+                          "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss")}
+                if evaluate is not None:
+                    record.update(evaluate(policy.eval(), r))
+                records.append(record)
+                append_jsonl(log_path, record)
+            stage.finish({"rounds": max(len(records), len(all_rounds)) - 1})
         return records
 
-    # -- the QGPO baseline --------------------------------------------------------------------------
-    @property
-    def qgpo_stage(self) -> Stage:
-        c = self.cfg
-        return Stage("qgpo_energy", {"beta": c.beta, "num_support": c.num_support,
-                                     **{k: v for k, v in c.qgpo.items() if k != "scale"}, "seed": c.seed},
-                     self.cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
+    def final_policy_file(self, records: list[dict]) -> str:
+        """The weights file of the last of ``records`` (``run_rounds``' result): a round's policy, or μ's."""
+        last = records[-1]["round"] if records else 0
+        return self.rounds_stage.file(f"round{last}/policy.pt") if last > 0 else self.behaviour_stage.file("policy.pt")
 
-    def qgpo_predictor(self, behaviour: Optional[GenerativePolicy] = None):
+    # -- the QGPO baseline --------------------------------------------------------------------------
+    def qgpo_predictor(self, behaviour: Optional[GenerativePolicy] = None) -> CEPGuidedPredictor:
         """QGPO: μ guided by ∇f, with f trained by contrastive energy prediction on μ's support actions
         weighted by softmax(β·Q̃) (the same weights QIPO uses): a gradient per sampling step."""
         mu = behaviour or self.behaviour()
         critic = self.critic(mu)
         q = self.cfg.qgpo
-        net = MLPEnergyNet(self.data.act_dim, hidden=q["hidden"], depth=q["depth"], cond_dim=self.data.obs_dim).to(self.device)
 
         def train(out_dir: str) -> dict:
-            saved = torch.load(self.critic_stage.file("support.pt"))  # clipped μ actions at dataset states
-            support, idx = saved["support"], saved["index"]
+            support, idx = self._support(self.critic_stage.file("support.pt"))  # clipped μ actions at dataset states
             n = support.shape[0]
             obs_n = self._norm(self.data.next_observations[idx])
             m = self.cfg.num_support
@@ -287,23 +474,18 @@ class QIPO:
             source = TensorBatchSource({"x1": support, "cond": obs_n.unsqueeze(1).expand(-1, m, -1),
                                         "energy": -standardize_within_groups(qv)}, group_size=m)
             torch.manual_seed(self.cfg.seed)
+            net = self.new_energy_net()
             objective = ContrastiveEnergyLoss(mu.path, self.cfg.beta, m)
-            settings = {k: v for k, v in q.items() if k not in ("hidden", "depth", "scale")}
+            settings = {k: v for k, v in q.items() if k not in _QGPO_NET}
             trainer = Trainer(net, objective, source, self._trainer_config(settings), out_dir=out_dir, name="qgpo")
             result = trainer.fit()
             net.load_state_dict(trainer.ema_module.state_dict())
-            torch.save(net.state_dict(), os.path.join(out_dir, "energy.pt"))
+            atomic_torch_save(net.state_dict(), os.path.join(out_dir, "energy.pt"))
             return {"final": result.metrics}
 
-        stage = self.qgpo_stage
-        stage.run(train)
-        net.load_state_dict(torch.load(stage.file("energy.pt"), map_location=self.device))
-        return CEPGuidedPredictor(mu.predictor(), net.eval(), scale=float(q.get("scale", 1.0)))
-
-    @staticmethod
-    def _append(path: str, record: dict) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self.qgpo_stage.run(train)
+        net = self._load(self.new_energy_net(), self.qgpo_stage, "energy.pt", "QGPO energy network")
+        return guided_predictor(mu, net, self.cfg)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
