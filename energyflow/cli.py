@@ -202,20 +202,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be a positive integer, got {args.num_samples}")
-    out = args.output or os.path.join(args.run_dir, "samples.pt")
+    default_out = (os.path.splitext(args.run_dir)[0] + "_samples.pt" if os.path.isfile(args.run_dir)
+                   else os.path.join(args.run_dir, "samples.pt"))
+    out = args.output or default_out
     if not out.endswith((".pt", ".npy")):
         raise InputError(f"--output must end in .pt or .npy, got {out}")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise InputError(f"the output folder {os.path.dirname(out) or '.'} does not exist")
-    cfg = _load_run(args.run_dir)
-    _apply_runtime(cfg)
-    experiment = build_experiment(cfg)
     sampler = _sampler_override(args)
-    try:
-        x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
-    except (TypeError, NotImplementedError) as err:
-        raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}: {err}") from err
+    if os.path.isfile(args.run_dir):  # a self-describing model file
+        if args.model:
+            raise InputError("--model selects a model of a run directory; a model file is sampled directly")
+        x = _sample_model_file(args.run_dir, args.num_samples, sampler, args.seed)
+    else:
+        cfg = _load_run(args.run_dir)
+        _apply_runtime(cfg)
+        experiment = build_experiment(cfg)
+        try:
+            x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
+        except (TypeError, NotImplementedError) as err:
+            raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}: {err}") from err
     if out.endswith(".npy"):
         import numpy as np
 
@@ -227,6 +234,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _scatter(x, os.path.splitext(out)[0] + ".png", title=args.model or "samples")
     print(f"wrote {tuple(x.shape)} samples to {out}")
     return 0
+
+
+def _sample_model_file(file: str, num_samples: int, sampler: Optional[dict[str, Any]], seed: int):
+    """Samples of a self-describing model file (no recipe, no domain code): Gaussian noise of the
+    stored sample shape, pushed through the stored path by the chosen sampler (default Heun, 50 steps)."""
+    import torch
+
+    from .models import load_model
+    from .samplers import build_sampler
+
+    model = load_model(file)
+    if model.sample_shape is None:
+        raise InputError(f"model file {file} stores no sample shape: cannot draw its initial noise")
+    if getattr(model.net, "cond_dim", 0):
+        raise InputError(f"model file {file} holds a conditional model (cond_dim={model.net.cond_dim}); sample it "
+                         f"from Python with a condition, or through its run directory")
+    cfg = {"name": "heun", "steps": 50, **(model.meta.get("sampler") or {}), **(sampler or {})}
+    smp = build_sampler(cfg.pop("name"), **cfg)
+    x0 = torch.randn(num_samples, *model.sample_shape, generator=torch.Generator().manual_seed(seed))
+    return smp.sample(model.predictor(), x0).x
 
 
 def _scatter(x, path: str, title: str) -> None:
@@ -264,7 +291,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("run", "sample", "eval")
+
+
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; with ``plugins``, installed domains' commands are added (see
+    :data:`PLUGIN_GROUP`)."""
     parser = argparse.ArgumentParser(
         prog="energyflow",
         description="Energy-guided generative modelling: sample q(x) ∝ p(x)·exp(−β·E(x)) with models trained by "
@@ -283,9 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="reuse a run directory even if its config differs")
     run.set_defaults(func=cmd_run)
 
-    sample = sub.add_parser("sample", help="draw samples from a trained run", description=(
-        "Rebuild the experiment of RUN_DIR from its config.yaml and draw samples from one of its models."))
-    sample.add_argument("run_dir", help="a run directory written by 'energyflow run'")
+    sample = sub.add_parser("sample", help="draw samples from a trained run or a model file", description=(
+        "Rebuild the experiment of RUN_DIR from its config.yaml and draw samples from one of its models, or "
+        "sample a self-describing model file (RUN_DIR/models/<name>.pt) directly, without its recipe."))
+    sample.add_argument("run_dir", metavar="RUN_DIR_OR_MODEL_FILE",
+                        help="a run directory written by 'energyflow run', or a model file (.pt)")
     sample.add_argument("-n", "--num-samples", type=int, default=1000, help="number of samples (default 1000)")
     sample.add_argument("-m", "--model", help="which model, e.g. efm_ot_beta10, cep_beta3, fm_ot (default: the "
                         "experiment's main model)")
@@ -303,12 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
     ev.set_defaults(func=cmd_eval)
 
-    _add_plugin_commands(sub)
+    if plugins:
+        _add_plugin_commands(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A core command needs no plugin: its process imports no domain's code.
+    parser = build_parser(plugins=not (argv and argv[0] in CORE_COMMANDS))
     args, extra = parser.parse_known_args(argv)
     if extra:  # Hydra overrides may also follow the options of `run` (argparse stops at the first option)
         if getattr(args, "command", None) != "run" or any(e.startswith("-") for e in extra):

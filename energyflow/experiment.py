@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_torch_save, load_torch, write_json
+from .files import load_torch, write_json
 
 __all__ = ["Experiment", "save_model", "load_model_state", "write_json"]
 
@@ -47,11 +47,18 @@ class Experiment(abc.ABC):
         return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
 
 
-def save_model(net: nn.Module, run_dir: str, name: str, meta: Optional[dict[str, Any]] = None) -> str:
-    """Save ``net``'s weights (atomically) as ``run_dir/models/<name>.pt`` with ``meta``."""
-    path = os.path.join(run_dir, "models", f"{name}.pt")
-    atomic_torch_save({"state_dict": net.state_dict(), "meta": meta or {}}, path)
-    return path
+def save_model(net: nn.Module, run_dir: str, name: str, meta: Optional[dict[str, Any]] = None, *,
+               path: Any = None, prediction: Optional[str] = None) -> str:
+    """Save ``net`` (atomically) as ``run_dir/models/<name>.pt``: a self-describing model file
+    (:mod:`energyflow.models`) that :func:`energyflow.models.load_model` and ``energyflow sample FILE``
+    rebuild without the domain's code.  ``path`` (a Path or its name) makes it a sampling model."""
+    from .models import save_model_file
+    from .paths import build_path
+
+    if isinstance(path, str):
+        path = build_path(path)
+    return save_model_file(os.path.join(run_dir, "models", f"{name}.pt"), net, path=path, prediction=prediction,
+                           meta=meta)
 
 
 def load_model_state(run_dir: str, name: str, map_location: Any = "cpu") -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .models import register_model
+
 __all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet"]
 
 
@@ -45,6 +47,7 @@ class _ResidualBlock(nn.Module):
         return h + self.fc2(nn.functional.silu(z))
 
 
+@register_model("energyflow.MLPField")
 class MLPField(nn.Module):
     """Residual MLP ``net(x, t, cond) -> [B, out_dim]`` (``out_dim`` defaults to ``dim``).
 
@@ -85,6 +88,7 @@ class MLPField(nn.Module):
         return self.out(h)
 
 
+@register_model("energyflow.MLPEnergyNet")
 class MLPEnergyNet(nn.Module):
     """A time-dependent scalar network ``f(x, t, cond) -> [B]`` (QGPO's intermediate energy)."""
 

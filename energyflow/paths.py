@@ -186,6 +186,10 @@ class CondOTPath(Path):
     def coefficients(self, t: Tensor) -> Coefficients:
         return Coefficients(alpha=t, sigma=1.0 - t, d_alpha=torch.ones_like(t), d_sigma=-torch.ones_like(t))
 
+    def spec(self) -> dict:
+        """``build_path(**spec)`` rebuilds this path (stored in model files)."""
+        return {"name": "ot", "t_min": self.t_min, "t_max": self.t_max}
+
     def __repr__(self) -> str:
         return f"CondOTPath(t_min={self.t_min}, t_max={self.t_max})"
 
@@ -247,6 +251,11 @@ class VPPath(Path):
         """g(t) = √b(s) with b(s) = −2 d(log α)/ds, the VP forward SDE's diffusion."""
         _, rate = self._log_alpha_and_rate(t)
         return torch.sqrt(2.0 * rate)
+
+    def spec(self) -> dict:
+        """``build_path(**spec)`` rebuilds this path (stored in model files)."""
+        return {"name": "vp", "schedule": self.schedule, "b_min": self.b_min, "b_max": self.b_max,
+                "t_min": self.t_min, "t_max": self.t_max, "default_prediction": self.default_prediction}
 
     def __repr__(self) -> str:
         return (
