@@ -465,6 +465,10 @@ def test_unknown_environment_id(store):
         D.make_mixed_dataset("test/walker/unknown-env-v0", [D.RANDOM_ACTOR], 10, env_id="Walkr2d-v5")
     with pytest.raises(D.UnknownEnvironmentError):
         D.rollout(None, "Walkr2d-v5", 5)
+    episodes, _ = store
+    with pytest.raises(D.UnknownEnvironmentError):
+        D.create_minari_dataset("test/walker/unknown-env-v0", episodes[:1], "Walkr2d-v5")
+    assert not D._local_dataset_dir("test/walker/unknown-env-v0").exists() and not _staging_left()
 
 
 def test_bad_actor_files(tmp_path):

@@ -753,10 +753,14 @@ def create_minari_dataset(dataset_id: str, episodes: Sequence["EpisodeBuffer"], 
     final = _local_dataset_dir(dataset_id)
     store = str(_local_dataset_dir(None))
     _remove_stale_staging(store)
-    staging = tempfile.mkdtemp(dir=store, prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
+    env = make_env(env_id, **(env_kwargs or {}))  # an unknown id fails before anything is written
+    try:
+        staging = tempfile.mkdtemp(dir=store, prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-")
+    except BaseException:
+        env.close()
+        raise
     built = os.path.join(staging, "store", dataset_id)
     aside = os.path.join(staging, "replaced")
-    env = make_env(env_id, **(env_kwargs or {}))
     try:
         with _store_root(os.path.join(staging, "store")):
             _write_minari(dataset_id, list(episodes), env, algorithm_name=algorithm_name, author=author,
