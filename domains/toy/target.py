@@ -3,7 +3,14 @@
 ``p`` is known through samples (a large seeded pool from :func:`~domains.toy.datasets.sample_toy`)
 and, for ``8gaussians`` and ``checkerboard``, also in closed form.  :class:`ExactTiltedTarget`
 gives reference samples by importance resampling of the pool and a reference density on a grid,
-for any energy (linear, non-linear, black box) and any β ≥ 0.
+for any energy (linear, non-linear, black box) and any finite β ≥ 0.
+
+Importance resampling is only as good as the pool's *effective sample size* (ESS, reported by
+:attr:`ExactTiltedTarget.pool_ess`).  At large β the tilted target concentrates where the pool
+has few or no points (for ``8gaussians`` and a linear term in the energy, q's mass moves
+``β · std² · slope`` away from the data), so the ESS collapses towards 1 and "exact" samples
+become copies of the pool's lowest-energy point.  :meth:`ExactTiltedTarget.max_supported_beta`
+gives the largest β at which the ESS stays above a threshold (:data:`MIN_POOL_ESS` by default).
 """
 from __future__ import annotations
 
@@ -71,7 +78,7 @@ class ExactTiltedTarget:
         dataset: one of :data:`~domains.toy.datasets.TOY_DATASETS`.
         energy: any batched energy ``[B, 2] → [B]`` (lower preferred); it is evaluated in float64
             without gradients.
-        beta: energy scale β ≥ 0 (β = 0 gives the data distribution).
+        beta: energy scale, finite and ≥ 0 (β = 0 gives the data distribution).
         pool_size: number of data points in the pool.
         seed: seed of the pool's generator.
     """
@@ -79,8 +86,8 @@ class ExactTiltedTarget:
     def __init__(self, dataset: str, energy: Energy, beta: float, pool_size: int = 1_000_000, seed: int = 0):
         if dataset not in TOY_DATASETS:
             raise ValueError(f"unknown toy data set {dataset!r}; valid names are {', '.join(TOY_DATASETS)}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not (beta >= 0 and math.isfinite(beta)):  # also refuses NaN
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         self.dataset = dataset
@@ -91,6 +98,7 @@ class ExactTiltedTarget:
         self._log_weights: Optional[Tensor] = None
         self._weights: Optional[Tensor] = None
         self._ess: Optional[float] = None
+        self._energies: Optional[Tensor] = None
 
     def __repr__(self) -> str:
         return (
@@ -104,10 +112,18 @@ class ExactTiltedTarget:
         """``[pool_size, 2]`` float32 data points (shared; do not modify in place)."""
         return _cached_pool(self.dataset, self.pool_size, self.seed)
 
+    @property
+    def pool_energies(self) -> Tensor:
+        """``[pool_size]`` float64 energies of the pool points (computed once)."""
+        if self._energies is None:
+            with torch.no_grad():
+                self._energies = self.energy(self.pool.to(torch.float64)).to(torch.float64)
+        return self._energies
+
     def _build(self) -> None:
-        with torch.no_grad():
-            energies = self.energy(self.pool.to(torch.float64)).to(torch.float64)
-        ew = energy_weights(energies, self.beta)
+        # energy_weights works in log space with the maximum logit subtracted, so the weights stay
+        # exact for any finite β·E (no overflow at β = 1e6); it refuses NaN / -inf energies.
+        ew = energy_weights(self.pool_energies, self.beta)
         self._log_weights = ew.log_weights
         self._weights = ew.weights
         self._ess = float(ew.ess)
@@ -140,11 +156,44 @@ class ExactTiltedTarget:
             self._build()
         return self._ess
 
+    def ess_at(self, beta: float) -> float:
+        """The pool's effective sample size if the target had inverse temperature ``beta``."""
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
+        return float(energy_weights(self.pool_energies, float(beta)).ess)
+
+    def max_supported_beta(self, min_ess: float = MIN_POOL_ESS, upper: float = 1e6, rtol: float = 1e-3) -> float:
+        """The largest β at which the pool's effective sample size is still ``>= min_ess``.
+
+        Found by bisection on ``[0, upper]`` in log β (the ESS falls as β grows); returns ``0.0``
+        when even β = 0 is below ``min_ess`` (a pool smaller than ``min_ess``) and ``upper`` when
+        ``upper`` itself is fine.  Beyond this β the resampled target is not a trustworthy
+        stand-in for q: grow ``pool_size`` to extend the range.
+
+        Args:
+            min_ess: the required effective sample size.
+            upper: the largest β tried.
+            rtol: relative precision of the answer.
+        """
+        if self.ess_at(0.0) < min_ess:
+            return 0.0
+        if self.ess_at(upper) >= min_ess:
+            return float(upper)
+        lo, hi = 1e-12, float(upper)
+        if self.ess_at(lo) < min_ess:
+            return 0.0
+        while hi / lo > 1.0 + rtol:
+            mid = math.sqrt(lo * hi)
+            if self.ess_at(mid) >= min_ess:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     @property
     def log_partition(self) -> float:
         """Monte Carlo estimate of ``log Z = log E_p[exp(−β E)]`` from the pool."""
-        with torch.no_grad():
-            energies = self.energy(self.pool.to(torch.float64)).to(torch.float64)
+        energies = self.pool_energies
         return float(torch.logsumexp(-self.beta * energies, 0) - math.log(self.pool_size)) if self.beta else 0.0
 
     # -- samples and density -------------------------------------------------------------------
