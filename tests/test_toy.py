@@ -1,7 +1,10 @@
-"""Toy domain: data sets, energies, closed-form Gaussian-mixture tilts and the exact tilted target."""
+"""Toy domain: data sets, energies, closed-form Gaussian-mixture tilts and the exact tilted target;
+the toy experiment's input validation, its stage cache and its refusal of β beyond the exact target."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 
 import pytest
@@ -22,7 +25,11 @@ from domains.toy import (
     log_density,
     sample_toy,
 )
-from energyflow.energies import Energy
+from domains.toy.experiment import ToyExperiment
+from energyflow.cli import main
+from energyflow.energies import Energy, FunctionEnergy
+from energyflow.errors import InputError
+from energyflow.experiment import load_model_state
 from energyflow.metrics import energy_distance, energy_distance_floor
 
 torch.set_num_threads(1)
@@ -308,3 +315,235 @@ def test_target_sampling_is_seeded_and_warns_on_low_ess():
         assert ExactTiltedTarget("8gaussians", LinearEnergy([0.1, 0.0]), 1.0, pool_size=20_000).pool_ess > 1000
     with pytest.raises(ValueError, match="beta"):
         ExactTiltedTarget("rings", RingEnergy(), beta=-1.0)
+
+
+# ------------------------------------------------------------------ β beyond the pool's reach
+def test_extreme_beta_keeps_valid_weights_and_reports_the_collapse():
+    # β = 1e6: the weights stay a finite distribution (log space, max-subtracted) but the pool's ESS is ~1.
+    energy = SineEnergy(0.3, 1.0, 0.1)
+    with pytest.warns(RuntimeWarning, match="effective sample size"):
+        target = ExactTiltedTarget("8gaussians", energy, 1e6, pool_size=20_000)
+        weights = target.weights
+    assert torch.isfinite(weights).all() and float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert target.pool_ess == pytest.approx(1.0, abs=1e-6)
+    best = int(torch.argmin(energy(target.pool.double())))
+    assert torch.equal(target.sample(5, _gen(0)), target.pool[[best] * 5])  # every "exact" sample is one point
+    # The largest β at which the pool still has an ESS of 1000, found by bisection.
+    limit = target.max_supported_beta(1000.0)
+    assert 5.0 < limit < 30.0
+    assert target.ess_at(limit) >= 1000.0 > target.ess_at(limit * 1.01)
+    assert ExactTiltedTarget("8gaussians", energy, 0.0, pool_size=500).max_supported_beta(1000.0) == 0.0
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            ExactTiltedTarget("8gaussians", energy, bad)
+
+
+# -------------------------------------------------------------- the toy experiment: validation
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "toy_8gaussians.yaml")
+TINY_TOY = [  # one β, OT path, FM + CEP baselines, tiny nets and evaluation: seconds on one core
+    "experiment.betas=[1]", "experiment.paths=[ot]", "experiment.baselines=[fm,guidance,cep]",
+    "experiment.trainer.steps=5", "experiment.trainer.batch_size=64", "experiment.net.hidden=16",
+    "experiment.net.depth=1", "experiment.cep.steps=5", "experiment.cep.hidden=16", "experiment.cep.depth=1",
+    "experiment.num_eval_samples=50", "experiment.eval_repeats=1", "experiment.pool_size=20000",
+    "experiment.sampler.steps=4", "experiment.guidance_steps=4", "experiment.trainer.progress=false",
+    "experiment.trainer.device=cpu", "++experiment.trainer.tensorboard=false", "++experiment.plot=false",
+]
+SMALL = dict(dataset="8gaussians", energy=SineEnergy(0.3, 1.0, 0.1), betas=[1.0], paths=["ot", "vp"],
+             baselines=["fm", "cep"], net={"hidden": 16, "depth": 1},
+             trainer={"steps": 5, "batch_size": 64, "device": "cpu", "progress": False, "tensorboard": False},
+             path_trainer={"vp": {"steps": 6}}, cep={"steps": 5, "hidden": 16, "depth": 1},
+             num_eval_samples=50, eval_repeats=1, pool_size=20_000, plot=False)
+
+
+def _toy(**changes) -> ToyExperiment:
+    return ToyExperiment(**{**SMALL, **changes})
+
+
+def _cli_error(argv, capsys) -> str:
+    """Run the CLI, expect exit code 2 and exactly one line on stderr (no traceback); return it."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("energyflow: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("experiment.betas=[nan]", "experiment.betas", "finite"),
+    ("experiment.betas=[inf]", "experiment.betas", "finite"),
+    ("experiment.betas=[1,-1]", "experiment.betas[1]", ">= 0"),
+    ("experiment.betas=[]", "experiment.betas", "non-empty list"),
+    ("experiment.betas=3", "experiment.betas", "list"),
+    ("experiment.betas=[1,1.0000001]", "experiment.betas", "same model name"),
+    ("experiment.betas=[1e6]", "experiment.betas", "supported: 0 <= beta <= "),
+    ("experiment.dataset=nope", "experiment.dataset", "unknown toy dataset"),
+    ("experiment.paths=[ot,sde]", "experiment.paths", "'sde'"),
+    ("experiment.paths=[ot,ot]", "experiment.paths", "twice"),
+    ("experiment.baselines=[fm,dpo]", "experiment.baselines", "'dpo'"),
+    ("experiment.num_eval_samples=0", "experiment.num_eval_samples", ">= 2"),
+    ("experiment.eval_repeats=0", "experiment.eval_repeats", ">= 1"),
+    ("experiment.pool_size=0", "experiment.pool_size", ">= 1000"),
+    ("experiment.guidance_steps=0", "experiment.guidance_steps", ">= 1"),
+    ("experiment.guidance_min_time=0", "experiment.guidance_min_time", "> 0"),
+    ("experiment.x1_clip=-1", "experiment.x1_clip", "> 0"),
+    ("experiment.x1_clip=nan", "experiment.x1_clip", "finite"),
+    ("experiment.sampler.name=leapfrog", "experiment.sampler", "unknown sampler 'leapfrog'"),
+    ("experiment.sampler.steps=0", "experiment.sampler.steps", ">= 1"),
+    ("experiment.net.hidden=0", "experiment.net.hidden", ">= 1"),
+    ("experiment.net.depth=2.5", "experiment.net.depth", "integer"),
+    ("++experiment.net.width=3", "experiment.net", "'width'"),
+    ("experiment.cep.group_size=1", "experiment.cep.group_size", ">= 2"),
+    ("experiment.cep.group_size=7", "experiment.cep.group_size", "must divide"),
+    ("experiment.cep.steps=0", "experiment.cep", "'steps'"),
+    ("experiment.trainer.steps=0", "experiment.trainer", "'steps'"),
+    ("++experiment.path_trainer.vp.batch_size=0", "experiment.path_trainer.vp", "'batch_size'"),
+    ("++experiment.path_trainer.sde={steps:1}", "experiment.path_trainer", "'sde'"),
+    ("++experiment.trainer.colour=red", "experiment.trainer", "'colour'"),
+])
+def test_bad_toy_inputs_are_refused_before_training(override, key, expected, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    line = _cli_error(["run", RECIPE, *TINY_TOY, override, "--run-dir", str(run_dir)], capsys)
+    assert key in line and expected in line, line
+    assert not (run_dir / "stages").exists()  # nothing was trained
+
+
+def test_beta_beyond_the_exact_target_is_refused_with_the_supported_range(tmp_path, capsys):
+    line = _cli_error(["run", RECIPE, *TINY_TOY, "experiment.betas=[1,1e6]", "--run-dir", str(tmp_path / "r")], capsys)
+    assert "experiment.betas: beta=1e+06" in line and "effective sample size 1.0 < 1000" in line
+    limit = float(line.split("<= beta <= ")[1].split()[0])
+    assert 5 < limit < 30
+    # just inside the range is accepted, just outside refused: the limit is the one the message states
+    _toy(betas=[limit * 0.99])
+    with pytest.raises(InputError, match="experiment.betas"):
+        _toy(betas=[limit * 1.05])
+
+
+def test_toy_inputs_that_only_python_can_give_are_checked():
+    with pytest.raises(InputError, match="experiment.energy: FunctionEnergy has no stable description"):
+        _toy(energy=FunctionEnergy(lambda x: x[:, 0]))
+    assert _toy(baselines=["guidance"]).energy.differentiable  # the toy energies are
+    nondiff = SineEnergy()
+    nondiff.differentiable = False
+    with pytest.raises(InputError, match="experiment.baselines: 'guidance' needs a differentiable energy"):
+        _toy(energy=nondiff, baselines=["guidance"])
+    with pytest.raises(InputError, match="nothing to train"):
+        _toy(paths=[], baselines=[])
+    with pytest.raises(InputError, match="experiment.energy cannot weight"):
+        _toy(energy=LinearEnergy([1.0, 0.0, 0.0]))
+    with pytest.raises(InputError, match="experiment.plot"):
+        _toy(plot="yes")
+
+
+# ----------------------------------------------------------- the toy experiment: stage cache
+def _keys(experiment: ToyExperiment) -> dict[str, str]:
+    return {name: stage.key for name, stage in experiment.stages("unused").items()}
+
+
+ALL_MODELS = {"efm_ot_beta1", "efm_vp_beta1", "fm_ot", "cep_beta1"}
+
+
+@pytest.mark.parametrize("changes, changed", [
+    (dict(dataset="moons"), ALL_MODELS),
+    (dict(energy=SineEnergy(0.3, 1.0, 0.2)), {"efm_ot_beta1", "efm_vp_beta1", "cep_beta1"}),
+    (dict(energy=RingEnergy(2.0, 0.5)), {"efm_ot_beta1", "efm_vp_beta1", "cep_beta1"}),
+    (dict(seed=1), ALL_MODELS),
+    (dict(net={"hidden": 32, "depth": 1}), {"efm_ot_beta1", "efm_vp_beta1", "fm_ot"}),
+    (dict(net={"hidden": 16, "depth": 1, "time_dim": 32}), {"efm_ot_beta1", "efm_vp_beta1", "fm_ot"}),
+    (dict(trainer={**SMALL["trainer"], "lr": 1e-2}), ALL_MODELS),
+    (dict(trainer={**SMALL["trainer"], "steps": 10}), {"efm_ot_beta1", "fm_ot"}),  # vp and cep override steps
+    (dict(trainer={**SMALL["trainer"], "seed": 3}), ALL_MODELS),
+    (dict(path_trainer={"vp": {"steps": 7}}), {"efm_vp_beta1"}),
+    (dict(path_trainer={"vp": {"steps": 6}, "ot": {"ema_decay": 0.5}}), {"efm_ot_beta1", "fm_ot"}),
+    (dict(cep={**SMALL["cep"], "steps": 6}), {"cep_beta1"}),
+    (dict(cep={**SMALL["cep"], "group_size": 8}), {"cep_beta1"}),
+    (dict(cep={**SMALL["cep"], "hidden": 8}), {"cep_beta1"}),
+    # what does not change a model keeps its stage: execution settings, sampling and evaluation
+    (dict(trainer={**SMALL["trainer"], "progress": True, "tensorboard": True, "log_every": 1, "device": "auto",
+                   "num_threads": 2, "checkpoint_every": 2}), set()),
+    (dict(sampler={"name": "rk4", "steps": 3}, guidance_steps=3, x1_clip=6.0, num_eval_samples=10,
+          eval_repeats=3, pool_size=30_000, plot=True), set()),
+    (dict(net={"hidden": 16, "depth": 1, "time_dim": 64}), set()),  # the default, spelled out
+    (dict(betas=[1.0, 2.0], baselines=["fm", "guidance", "cep"]), set()),  # a new β adds stages only
+])
+def test_stage_keys_hold_every_input_of_their_model(changes, changed):
+    base, other = _keys(_toy()), _keys(_toy(**changes))
+    assert set(base) <= set(other)
+    assert {name for name in base if other[name] != base[name]} == changed
+    assert _toy().stage_names() == ["efm_ot_beta1", "efm_vp_beta1", "fm_ot", "cep_beta1"]
+    stage = _toy().stages("R")["efm_ot_beta1"]
+    assert stage.folder == os.path.join("R", "stages", f"efm_ot_beta1-{stage.key}")
+    assert stage.config["energy"] is SMALL["energy"] and stage.config["beta"] == 1.0 and stage.config["path"] == "ot"
+
+
+def _run(run_dir, *overrides, force=False) -> dict:
+    argv = ["run", RECIPE, *TINY_TOY, *overrides, "--run-dir", str(run_dir)] + (["--force"] if force else [])
+    assert main(argv) == 0
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _stage_files(run_dir) -> dict[str, float]:
+    root = run_dir / "stages"
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_changed_config_retrains_its_models_and_evaluates_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = _run(run_dir)
+    assert {k: v["trained_now"] for k, v in first["training"].items()} == {
+        "efm_ot_beta1": True, "fm_ot": True, "cep_beta1": True}
+    old = load_model_state(str(run_dir), "efm_ot_beta1")
+    assert old["meta"]["steps"] == 5
+
+    # --force with more steps: the OT models are retrained (cep has its own steps), and evaluated
+    second = _run(run_dir, "experiment.trainer.steps=10", force=True)
+    trained = {k: v["trained_now"] for k, v in second["training"].items()}
+    assert trained == {"efm_ot_beta1": True, "fm_ot": True, "cep_beta1": False}
+    assert second["training"]["efm_ot_beta1"]["steps"] == 10 == second["training"]["fm_ot"]["steps"]
+    assert second["stages"]["efm_ot_beta1"] != first["stages"]["efm_ot_beta1"]
+    assert second["stages"]["cep_beta1"] == first["stages"]["cep_beta1"]
+    new = load_model_state(str(run_dir), "efm_ot_beta1")  # the published copy follows the config
+    assert new["meta"]["steps"] == 10 and new["meta"]["stage"] == os.path.basename(second["stages"]["efm_ot_beta1"])
+    assert any(not torch.equal(a, new["state_dict"][k]) for k, a in old["state_dict"].items())
+    assert second["methods"]["efm_ot"]["beta1"] != first["methods"]["efm_ot"]["beta1"]
+    assert second["methods"]["guidance"]["beta1"] != first["methods"]["guidance"]["beta1"]  # on the new fm_ot
+    metrics = [json.loads(line) for line in open(run_dir / "train" / "efm_ot_beta1" / "metrics.jsonl")]
+    assert metrics[-1]["step"] == 10
+
+    # the same config again trains nothing and rewrites no stage file or published model
+    before = _stage_files(run_dir)
+    published = os.path.getmtime(run_dir / "models" / "efm_ot_beta1.pt")
+    third = _run(run_dir, "experiment.trainer.steps=10")
+    assert not any(v["trained_now"] for v in third["training"].values())
+    assert _stage_files(run_dir) == before
+    assert os.path.getmtime(run_dir / "models" / "efm_ot_beta1.pt") == published
+    assert third["methods"] == second["methods"]
+
+    # back to 5 steps: the first stages are reused, nothing is trained
+    back = _run(run_dir, force=True)
+    assert not any(v["trained_now"] for v in back["training"].values())
+    assert back["stages"] == first["stages"] and back["methods"] == first["methods"]
+    assert load_model_state(str(run_dir), "efm_ot_beta1")["meta"]["steps"] == 5
+    capsys.readouterr()
+
+
+def test_evaluation_reads_only_the_current_configs_stages(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    results = _run(run_dir, "experiment.betas=[1,3]")
+    # a published copy is never read back: clobbering it changes nothing
+    (run_dir / "models" / "efm_ot_beta1.pt").write_bytes(b"not a model")
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["methods"] == results["methods"]
+    # a config whose stages were never trained cannot be evaluated or sampled from the old models
+    longer = ToyExperiment(**{**SMALL, "paths": ["ot"], "trainer": {**SMALL["trainer"], "steps": 50}})
+    with pytest.raises(InputError, match="'efm_ot_beta1' of this run's config is not trained"):
+        longer.sample(str(run_dir), 4, model="efm_ot_beta1")
+    with pytest.raises(InputError, match="no model 'efm_ot_beta7'"):
+        longer.sample(str(run_dir), 4, model="efm_ot_beta7")
+    # dropping a β unpublishes its model copy (its stage stays cached)
+    _run(run_dir, "experiment.betas=[1]", force=True)
+    assert sorted(os.listdir(run_dir / "models")) == ["cep_beta1.pt", "efm_ot_beta1.pt", "fm_ot.pt"]
+    assert any(p.name.startswith("efm_ot_beta3-") for p in (run_dir / "stages").iterdir())
+    capsys.readouterr()
