@@ -202,6 +202,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise InputError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if not os.path.isfile(args.run_dir):
+        _load_run(args.run_dir)  # a missing or broken run directory is named first
     default_out = (os.path.splitext(args.run_dir)[0] + "_samples.pt" if os.path.isfile(args.run_dir)
                    else os.path.join(args.run_dir, "samples.pt"))
     out = args.output or default_out

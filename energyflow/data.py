@@ -7,12 +7,12 @@ ranks and gives each rank a contiguous slice.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchSource", "TensorBatchSource", "FunctionBatchSource"]
+__all__ = ["BatchSource", "TensorBatchSource", "FunctionBatchSource", "DatasetBatchSource"]
 
 
 class BatchSource(Protocol):
@@ -65,3 +65,80 @@ class FunctionBatchSource:
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
         out = self.fn(batch_size, generator)
         return out if isinstance(out, dict) else {"x1": out}
+
+
+class _IndexChunks:
+    """A DataLoader batch sampler that yields the current batch's indices in chunks."""
+
+    def __init__(self, chunk: int):
+        self.indices: list[int] = []
+        self.chunk = chunk
+
+    def __iter__(self):
+        for i in range(0, len(self.indices), self.chunk):
+            yield self.indices[i:i + self.chunk]
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.chunk - 1) // self.chunk
+
+
+class DatasetBatchSource:
+    """Batches from a ``torch.utils.data.Dataset`` (random access; it may be larger than memory),
+    loaded by a ``DataLoader`` with worker processes.
+
+    The indices of a batch are drawn exactly as :class:`TensorBatchSource` draws them (uniform,
+    with replacement, from the trainer's seeded generator), so batches are identical on every
+    data-parallel rank, a resumed run continues exactly, and the same data gives the same batches
+    as a :class:`TensorBatchSource` of it.  Workers load the items of each batch in parallel
+    (``chunk`` items per task, in order); they persist between batches.
+
+    Args:
+        dataset: ``dataset[i]`` returns a dict of tensors (at least ``"x1"``), or a tensor (``x1``).
+        num_workers: loader processes (0: load in this process).
+        chunk: items per worker task (default: an even share of the batch per worker).
+        collate_fn: how to stack items (default: ``torch.utils.data.default_collate``); padded sets
+            need a collate that pads and returns a ``"mask"``.
+        group_size: as for :class:`TensorBatchSource` (each item then holds ``M`` members).
+        loader_kwargs: more ``DataLoader`` arguments (``pin_memory``, ``multiprocessing_context``...).
+    """
+
+    def __init__(self, dataset, num_workers: int = 0, chunk: Optional[int] = None,
+                 collate_fn: Optional[Callable] = None, group_size: Optional[int] = None, **loader_kwargs):
+        from torch.utils.data import DataLoader, default_collate
+
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise ValueError("DatasetBatchSource needs a non-empty map-style dataset (with __len__ and __getitem__)")
+        self.dataset, self.group_size, self.num_workers = dataset, group_size, int(num_workers)
+        self.size = len(dataset)
+        self._chunks = _IndexChunks(chunk or 0)
+        self._chunk = chunk
+        self._loader = DataLoader(dataset, batch_sampler=self._chunks, num_workers=self.num_workers,
+                                  collate_fn=collate_fn or default_collate,
+                                  persistent_workers=self.num_workers > 0, **loader_kwargs)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        m = self.group_size or 1
+        if batch_size % m:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of group_size {m}")
+        items = batch_size // m
+        idx = torch.randint(self.size, (items,), generator=generator)
+        self._chunks.indices = idx.tolist()
+        self._chunks.chunk = self._chunk or max(1, -(-items // max(self.num_workers, 1)))
+        parts = [p if isinstance(p, dict) else {"x1": p} for p in self._loader]
+        out = _concat(parts)
+        if "x1" not in out:
+            raise ValueError("dataset items must hold an 'x1' entry (the data)")
+        if self.group_size:
+            out = {k: v.reshape((-1,) + tuple(v.shape[2:])) for k, v in out.items()}
+        return out
+
+
+def _concat(parts: list) -> Any:
+    """Concatenate collated chunks along the batch dimension (dicts of tensors, nested)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    return torch.cat(parts)

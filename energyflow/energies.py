@@ -47,13 +47,19 @@ class Energy(abc.ABC):
     """
 
     differentiable: bool = True
+    takes_mask: bool = False
+    """Whether :meth:`forward` accepts ``mask=`` (``[B, N]``, 1 for real elements of padded sets)."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
-        """Return the energies of ``x`` (``[B, ...]``) as a tensor of shape ``[B]``."""
+        """Return the energies of ``x`` (``[B, ...]``) as a tensor of shape ``[B]``; energies that
+        set ``takes_mask`` also receive ``mask=`` and must ignore padded elements."""
 
-    def __call__(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
-        out = self.forward(x, cond)
+    def __call__(self, x: Tensor, cond: Optional[Any] = None, mask: Optional[Tensor] = None) -> Tensor:
+        if mask is not None and not self.takes_mask:
+            raise ValueError(f"{type(self).__name__} does not take a mask, but the batch is masked (padded sets): "
+                             f"use an energy with takes_mask=True, or give the batch precomputed 'energy' values")
+        out = self.forward(x, cond, mask=mask) if mask is not None else self.forward(x, cond)
         if not isinstance(out, Tensor):
             out = torch.as_tensor(np.asarray(out), dtype=x.dtype, device=x.device)
         if out.shape != (x.shape[0],):
@@ -87,18 +93,23 @@ class FunctionEnergy(Energy):
     """Wrap a torch function ``fn(x, cond) -> [B]`` (or ``fn(x) -> [B]``) as an :class:`Energy`.
 
     Args:
-        fn: the function; called as ``fn(x, cond)`` when ``takes_cond`` else ``fn(x)``.
+        fn: the function; called as ``fn(x, cond)`` when ``takes_cond`` else ``fn(x)`` (plus
+            ``mask=`` for masked batches when ``takes_mask``).
         differentiable: whether autograd can differentiate ``fn`` with respect to ``x``.
         takes_cond: whether ``fn`` accepts a second ``cond`` argument.
+        takes_mask: whether ``fn`` accepts ``mask=`` (padded sets).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], differentiable: bool = True, takes_cond: bool = False):
+    def __init__(self, fn: Callable[..., Tensor], differentiable: bool = True, takes_cond: bool = False,
+                 takes_mask: bool = False):
         self.fn = fn
         self.differentiable = differentiable
         self.takes_cond = takes_cond
+        self.takes_mask = takes_mask
 
-    def forward(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
-        return self.fn(x, cond) if self.takes_cond else self.fn(x)
+    def forward(self, x: Tensor, cond: Optional[Any] = None, **kw: Any) -> Tensor:
+        args = (x, cond) if self.takes_cond else (x,)
+        return self.fn(*args, **kw)
 
 
 class BlackBoxEnergy(Energy):
@@ -110,13 +121,16 @@ class BlackBoxEnergy(Energy):
 
     differentiable = False
 
-    def __init__(self, fn: Callable[..., Any], takes_cond: bool = False):
+    def __init__(self, fn: Callable[..., Any], takes_cond: bool = False, takes_mask: bool = False):
         self.fn = fn
         self.takes_cond = takes_cond
+        self.takes_mask = takes_mask
 
-    def forward(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
+    def forward(self, x: Tensor, cond: Optional[Any] = None, mask: Optional[Tensor] = None) -> Tensor:
         x_np = x.detach().cpu().numpy()
-        out = self.fn(x_np, cond) if self.takes_cond else self.fn(x_np)
+        args = (x_np, cond) if self.takes_cond else (x_np,)
+        kw = {"mask": mask.detach().cpu().numpy()} if mask is not None else {}
+        out = self.fn(*args, **kw)
         return torch.as_tensor(np.asarray(out, dtype=np.float64), device=x.device).to(x.dtype)
 
 
@@ -127,9 +141,10 @@ class ScaledEnergy(Energy):
         self.energy = energy
         self.scale = float(scale)
         self.differentiable = energy.differentiable
+        self.takes_mask = energy.takes_mask
 
-    def forward(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
-        return self.scale * self.energy(x, cond)
+    def forward(self, x: Tensor, cond: Optional[Any] = None, mask: Optional[Tensor] = None) -> Tensor:
+        return self.scale * self.energy(x, cond, mask=mask)
 
 
 class SumEnergy(Energy):
@@ -141,9 +156,10 @@ class SumEnergy(Energy):
             flat.extend(e.energies if isinstance(e, SumEnergy) else [e])
         self.energies = flat
         self.differentiable = all(e.differentiable for e in flat)
+        self.takes_mask = all(e.takes_mask for e in flat)
 
-    def forward(self, x: Tensor, cond: Optional[Any] = None) -> Tensor:
-        return torch.stack([e(x, cond) for e in self.energies]).sum(0)
+    def forward(self, x: Tensor, cond: Optional[Any] = None, mask: Optional[Tensor] = None) -> Tensor:
+        return torch.stack([e(x, cond, mask=mask) for e in self.energies]).sum(0)
 
 
 def check_energies(energies: Tensor, nonfinite: str = "raise", name: str = "energy") -> Tensor:

@@ -7,9 +7,16 @@ Every objective is a callable ``objective(net, batch) -> LossOutput``.  A batch 
 * ``"energy"``: ``[B]`` pre-computed energies (optional; otherwise the objective's ``energy`` is
   called on ``x1`` — energies depend on data only, never on x_t);
 * ``"x0"``, ``"t"``: pre-drawn noise ``[B, ...]`` and times ``[B]`` (optional; the trainer draws them
-  for the global batch so that data-parallel and single-process runs see the same numbers).
+  for the global batch so that data-parallel and single-process runs see the same numbers);
+* ``"mask"``: ``[B, N]`` (or any leading shape of ``x1``) with 1 for real elements and 0 for padding
+  (optional; padded sets, point clouds, graphs with padded nodes).
 
-Per-sample losses are squared errors averaged over the non-batch dimensions.
+Per-sample losses are squared errors averaged over the non-batch dimensions — over the *real*
+elements only when the batch has a mask, so padding a batch to a larger ``N`` changes nothing.
+Whatever a sample's shape, it gets one energy and one weight.  A masked batch's network receives
+its mask inside ``cond``: ``cond = {"mask": mask, **cond}`` (a tensor ``cond`` goes under ``"cond"``).
+Noise comes from the objective's :class:`~energyflow.priors.Prior` (Gaussian by default), which
+the samplers' initial noise must share (:func:`energyflow.sampling.initial_noise`).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from torch import Tensor
 
 from .energies import Energy
 from .paths import CondOTPath, Path, Prediction, VPPath
+from .priors import GaussianPrior, Prior, expand_mask
 from .weights import energy_weights
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "energy_weighted_flow_matching",
     "energy_weighted_diffusion",
     "draw_noise_and_time",
+    "network_cond",
 ]
 
 
@@ -48,19 +57,46 @@ class LossOutput:
 
 
 def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
-                        group_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """Noise ``x0 ~ N(0, I)`` like ``x1`` and times ``t ~ U[t_min, t_max]`` (one per group if given).
+                        group_size: Optional[int] = None, prior: Optional[Prior] = None,
+                        mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Noise ``x0`` from ``prior`` (default N(0, I); zero on padding) like ``x1`` and times
+    ``t ~ U[t_min, t_max]`` (one per group if given).
 
     Drawn on the generator's device (a CPU generator gives the same numbers whatever the device of
     ``x1``), then moved to ``x1``'s device.
     """
     where = generator.device if generator is not None else x1.device
-    x0 = torch.randn(x1.shape, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
+    x0 = (prior or GaussianPrior()).sample(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype,
+                                           mask=mask)
     n = x1.shape[0] if group_size is None else x1.shape[0] // group_size
     t = path.sample_time(n, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
     if group_size is not None:
         t = t.repeat_interleave(group_size)
     return x0, t
+
+
+def network_cond(batch: dict[str, Any]) -> Any:
+    """What the network receives as ``cond``: the batch's ``cond``, with its ``mask`` added when
+    the batch is masked (see the module docstring)."""
+    cond, mask = batch.get("cond"), batch.get("mask")
+    if mask is None:
+        return cond
+    if cond is None:
+        return {"mask": mask}
+    if isinstance(cond, dict):
+        return {**cond, "mask": mask}
+    return {"cond": cond, "mask": mask}
+
+
+def masked_mean_per_sample(values: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``[B]`` means of ``values`` ([B, ...]) over the non-batch dimensions (real elements only)."""
+    if mask is None:
+        return values.reshape(values.shape[0], -1).mean(1)
+    m = expand_mask(mask, values)
+    count = m.reshape(values.shape[0], -1).sum(1)
+    if bool((count == 0).any()):
+        raise ValueError(f"{int((count == 0).sum())} sample(s) of the batch have an all-zero mask")
+    return (values * m).reshape(values.shape[0], -1).sum(1) / count
 
 
 def _world_size() -> int:
@@ -74,11 +110,13 @@ class FlowMatchingLoss:
         path: the probability path.
         prediction: what the network predicts (``"velocity"``, ``"epsilon"``, ``"x1"``, ``"score"``);
             defaults to ``path.default_prediction`` (velocity for OT, ε for VP).
+        prior: the noise distribution (default :class:`~energyflow.priors.GaussianPrior`).
     """
 
-    def __init__(self, path: Path, prediction: Optional[Prediction] = None):
+    def __init__(self, path: Path, prediction: Optional[Prediction] = None, prior: Optional[Prior] = None):
         self.path = path
         self.prediction: Prediction = prediction or path.default_prediction
+        self.prior: Prior = prior or GaussianPrior()
 
     group_size: Optional[int] = None
 
@@ -87,21 +125,21 @@ class FlowMatchingLoss:
         grouped).  The trainer calls this on the *global* batch before splitting it across ranks."""
         if "x0" in batch and "t" in batch:
             return batch
-        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, self.group_size)
+        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, self.group_size, self.prior, batch.get("mask"))
         return {**batch, "x0": x0, "t": t}
 
     def per_sample(self, net: Callable[..., Tensor], batch: dict[str, Any],
                    generator: Optional[torch.Generator] = None, group_size: Optional[int] = None) -> Tensor:
         """``[B]`` squared errors of the network against the path's conditional target."""
-        x1 = batch["x1"]
+        x1, mask = batch["x1"], batch.get("mask")
         if "x0" in batch and "t" in batch:
             x0, t = batch["x0"], batch["t"]
         else:
-            x0, t = draw_noise_and_time(self.path, x1, generator, group_size)
+            x0, t = draw_noise_and_time(self.path, x1, generator, group_size, self.prior, mask)
         sample = self.path.sample(x0, x1, t)
         target = self.path.target(sample, self.prediction)
-        pred = net(sample.xt, t, batch.get("cond"))
-        return (pred - target).square().reshape(x1.shape[0], -1).mean(1)
+        pred = net(sample.xt, t, network_cond(batch))
+        return masked_mean_per_sample((pred - target).square(), mask)
 
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
                  generator: Optional[torch.Generator] = None) -> LossOutput:
@@ -125,6 +163,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
             samples (e.g. the M support actions of one state) and the softmax runs within each
             group; ``L = (1/G) Σ_g Σ_j w_gj ℓ_gj``.  ``None``: one softmax over the whole batch.
         nonfinite: ``"raise"`` (default) or ``"mask"`` non-finite energies (weight 0).
+        prior: the noise distribution (default N(0, I)).
 
     Metrics: ``loss``, ``ess`` (effective sample size, per group when grouped) and ``ess_fraction``.
     Under data-parallel training, whole-batch weights are normalised over the global batch.
@@ -132,8 +171,8 @@ class EnergyWeightedLoss(FlowMatchingLoss):
 
     def __init__(self, path: Path, beta: float, energy: Optional[Energy] = None,
                  prediction: Optional[Prediction] = None, group_size: Optional[int] = None,
-                 nonfinite: str = "raise"):
-        super().__init__(path, prediction)
+                 nonfinite: str = "raise", prior: Optional[Prior] = None):
+        super().__init__(path, prediction, prior)
         self.beta, self.energy, self.group_size, self.nonfinite = float(beta), energy, group_size, nonfinite
 
     def energies(self, batch: dict[str, Any]) -> Tensor:
@@ -142,7 +181,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
         if self.energy is None:
             raise ValueError("EnergyWeightedLoss needs an `energy` or batches with an 'energy' entry")
         with torch.no_grad():
-            return self.energy(batch["x1"], batch.get("cond"))
+            return self.energy(batch["x1"], batch.get("cond"), mask=batch.get("mask"))
 
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
                  generator: Optional[torch.Generator] = None) -> LossOutput:
@@ -181,8 +220,10 @@ class ContrastiveEnergyLoss:
     term ∇ log q_t − ∇ log p_t.  Used as the gradient-guidance baseline EFM replaces.
     """
 
-    def __init__(self, path: Path, beta: float, group_size: int, energy: Optional[Energy] = None):
+    def __init__(self, path: Path, beta: float, group_size: int, energy: Optional[Energy] = None,
+                 prior: Optional[Prior] = None):
         self.path, self.beta, self.group_size, self.energy = path, float(beta), int(group_size), energy
+        self.prior: Prior = prior or GaussianPrior()
 
     prepare = FlowMatchingLoss.prepare
 
@@ -194,7 +235,7 @@ class ContrastiveEnergyLoss:
         if "x0" in batch and "t" in batch:
             x0, t = batch["x0"], batch["t"]
         else:
-            x0, t = draw_noise_and_time(self.path, x1, generator, m)
+            x0, t = draw_noise_and_time(self.path, x1, generator, m, self.prior, batch.get("mask"))
         xt = self.path.sample(x0, x1, t).xt
         logits = energy_net(xt, t, batch.get("cond")).view(-1, m)
         per_group = -(w * torch.log_softmax(logits, dim=1)).sum(1)

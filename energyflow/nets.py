@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .models import register_model
 
-__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet"]
+__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet", "PointwiseField"]
 
 
 class TimeEmbedding(nn.Module):
@@ -98,3 +98,23 @@ class MLPEnergyNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         return self.body(x, t, cond).squeeze(-1)
+
+
+@register_model("energyflow.PointwiseField")
+class PointwiseField(nn.Module):
+    """An :class:`MLPField` applied to every element of a set independently: ``x: [B, N, dim]``,
+    ``t: [B]`` → ``[B, N, dim]``.  The field of i.i.d. elements (and a baseline for set models);
+    ``cond`` may be a dict holding the batch's ``"mask"`` (padded elements are computed, then
+    ignored by the loss and zeroed by the predictor).
+
+    Args: as :class:`MLPField` (``cond_dim`` 0: the elements are unconditional).
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_dim: int = 64):
+        super().__init__()
+        self.element_dim = dim
+        self.field = MLPField(dim, hidden, depth, 0, time_dim)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Optional[object] = None) -> Tensor:
+        b, n = x.shape[0], x.shape[1]
+        return self.field(x.reshape(b * n, -1), t.repeat_interleave(n)).reshape(x.shape)

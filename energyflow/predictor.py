@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .paths import PREDICTIONS, Path, Prediction
+from .priors import expand_mask
 
 __all__ = ["Predictor"]
 
@@ -48,7 +49,13 @@ class Predictor:
         return self.net(x, t, cond)
 
     def predict(self, x: Tensor, t: Tensor, cond: Any = None, kind: Prediction = "velocity") -> Tensor:
-        """The model's prediction of ``kind`` at ``(x, t)``."""
+        """The model's prediction of ``kind`` at ``(x, t)``; zero on padding when ``cond`` carries a
+        ``"mask"`` (padded sets: see :mod:`energyflow.losses`)."""
+        out = self._predict(x, t, cond, kind)
+        mask = cond.get("mask") if isinstance(cond, dict) else None
+        return out * expand_mask(mask, out) if mask is not None else out
+
+    def _predict(self, x: Tensor, t: Tensor, cond: Any, kind: Prediction) -> Tensor:
         if self.x1_clip is None:
             return self.path.convert(self.raw(x, t, cond), x, t, self.prediction, kind)
         raw = self.raw(x, t, cond)

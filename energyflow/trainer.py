@@ -240,15 +240,25 @@ class Trainer:
         return self.ema_model.module if isinstance(self.ema_model, AveragedModel) else self.ema_model
 
     def _local_slice(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This rank's contiguous slice of every tensor of the global batch (``cond`` may be a dict of
+        tensors), moved to the device; anything else in a batch is refused."""
         world, rank = self.dist.world_size, self.dist.rank
-        out = {}
-        for k, v in batch.items():
+
+        def local(key: str, v: Any) -> Any:
             if isinstance(v, Tensor):
+                if v.dim() == 0:
+                    raise InputError(f"batch entry {key!r} is a 0-d tensor; batch tensors have the batch as first dimension")
                 n = v.shape[0] // world
                 v = v[rank * n:(rank + 1) * n] if world > 1 else v
-                v = v.to(self.device, non_blocking=True)
-            out[k] = v
-        return out
+                return v.to(self.device, non_blocking=True)
+            if isinstance(v, dict):
+                return {k: local(f"{key}.{k}", u) for k, u in v.items()}
+            if v is None:
+                return None
+            raise InputError(f"batch entry {key!r} is a {type(v).__name__}; a batch holds tensors, or dicts of tensors "
+                             f"(its first dimension is split across data-parallel ranks)")
+
+        return {k: local(k, v) for k, v in batch.items()}
 
     def _reduce_metrics(self, sums: dict[str, Any], count: int) -> dict[str, float]:
         """Window means of the metrics, averaged over ranks: the only host synchronisation of a window."""
