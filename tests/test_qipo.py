@@ -139,3 +139,246 @@ def test_changing_the_number_of_rounds_reads_a_prefix_or_continues(tmp_path):
     a = torch.load(more.rounds_stage.file("round3/policy.pt"))
     b = torch.load(round3)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# -- hardening: stage keys, validation, damaged files, concurrent runs ---------------------------------
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from domains.rl.qipo import transitions_fingerprint  # noqa: E402
+from energyflow.errors import CorruptFileError, InputError, UnsafeFileError  # noqa: E402
+
+STAGES = ("behaviour", "critic", "rounds", "qgpo")
+
+
+def stage_keys(data, cfg, root="unused", **kw):
+    q = QIPO(data, cfg, root, device="cpu", progress=False, **kw)
+    return {"behaviour": q.behaviour_stage.key, "critic": q.critic_stage.key, "rounds": q.rounds_stage.key,
+            "qgpo": q.qgpo_stage.key}
+
+
+# field -> (a changed value, the stages whose output it changes; the others must keep their keys)
+ALL, CRITIC_ON, = STAGES, ("critic", "rounds", "qgpo")
+KEY_CASES = {
+    "path": ("vp", ALL), "hidden": (32, ALL), "depth": (3, ALL), "seed": (1, ALL),
+    "behaviour": ({"steps": 401, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.99}, ALL),
+    "num_support": (4, CRITIC_ON), "critic_hidden": (32, CRITIC_ON), "critic_depth": (3, CRITIC_ON),
+    "gamma": (0.9, CRITIC_ON), "alpha": (0.2, CRITIC_ON), "critic_states": (1000, CRITIC_ON),
+    "critic": ({"steps": 400, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.99}, CRITIC_ON),
+    "beta": (3.0, ("rounds", "qgpo")), "round_steps": (151, ("rounds",)), "round_states": (256, ("rounds",)),
+    "round_trainer": ({"batch_size": 512, "lr": 5e-4, "ema_decay": 0.0}, ("rounds",)),
+    "qgpo": ({**QIPOConfig().qgpo, "steps": 11}, ("qgpo",)),
+    # not in any key: rounds form a chain (a prefix or a continuation of the cached one), resume is
+    # exact so where a stage checkpoints does not change it, the guidance scale acts at sampling time
+    "rounds": (5, ()), "checkpoint_every": (7, ()), "qgpo_scale": (2.0, ()),
+}
+
+
+def test_every_setting_that_changes_a_stage_changes_its_key_and_only_downstream_keys():
+    data, _ = bandit(n=300)
+    fields = {f.name for f in dataclasses.fields(QIPOConfig)}
+    assert fields <= set(KEY_CASES), f"classify the new QIPOConfig fields {fields - set(KEY_CASES)} in KEY_CASES"
+    base = stage_keys(data, tiny_config())
+    for name, (value, affected) in KEY_CASES.items():
+        cfg = tiny_config(qgpo={**tiny_config().qgpo, "scale": value}) if name == "qgpo_scale" else tiny_config(**{name: value})
+        keys = stage_keys(data, cfg)
+        for stage in STAGES:
+            assert (keys[stage] != base[stage]) == (stage in affected), (name, stage)
+
+    # the reward scale: explicitly, and through the scaled rewards' contents; the behaviour model reads no reward
+    explicit = stage_keys(data, tiny_config(), reward_scale=2.0)
+    scaled = stage_keys(data.scaled_rewards(2.0), tiny_config())
+    for keys in (explicit, scaled):
+        assert keys["behaviour"] == base["behaviour"]
+        assert all(keys[s] != base[s] for s in CRITIC_ON)
+
+    # the bytes of the dataset (same name, other contents: a replaced .hdf5, a rebuilt Minari id)
+    def edited(name, fn):
+        arr = getattr(data, name).clone()
+        fn(arr)
+        return dataclasses.replace(data, **{name: arr})
+
+    changes = {"actions": (lambda a: a[7].add_(1e-3), ALL), "observations": (lambda a: a[0, 0].add_(1e-3), ALL),
+               "rewards": (lambda a: a[3].add_(1e-3), CRITIC_ON), "terminals": (lambda a: a[5].zero_(), CRITIC_ON),
+               "next_observations": (lambda a: a[1, 2].add_(1e-3), CRITIC_ON),
+               "timeouts": (lambda a: a[9].fill_(1.0), CRITIC_ON), "episode_ids": (lambda a: a[2].add_(1), CRITIC_ON)}
+    for name, (fn, affected) in changes.items():
+        keys = stage_keys(edited(name, fn), tiny_config())
+        for stage in STAGES:
+            assert (keys[stage] != base[stage]) == (stage in affected), (name, stage)
+    # a fingerprint computed once and passed in gives the same keys
+    assert stage_keys(data, tiny_config(), fingerprints=transitions_fingerprint(data)) == base
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"beta": -1}, "qipo.beta"), ({"beta": math.nan}, "qipo.beta"), ({"beta": math.inf}, "qipo.beta"),
+    ({"rounds": -1}, "qipo.rounds"), ({"rounds": 1.5}, "qipo.rounds"), ({"round_steps": 0}, "qipo.round_steps"),
+    ({"num_support": 1}, "qipo.num_support"), ({"alpha": -0.1}, "qipo.alpha"), ({"gamma": 1.0}, "qipo.gamma"),
+    ({"path": "sde"}, "qipo.path"), ({"critic_states": 0}, "qipo.critic_states"), ({"bogus": 1}, "bogus"),
+    ({"behaviour": {"steps": 0}}, "qipo.behaviour"), ({"critic": {"lr": -1.0}}, "qipo.critic"),
+    ({"round_trainer": {"stepz": 3}}, "stepz"), ({"round_trainer": {"steps": 3}}, "qipo.round_trainer.steps"),
+    ({"qgpo": {"scale": math.nan}}, "qipo.qgpo.scale"), ({"qgpo": {"hidden": 0}}, "qipo.qgpo.hidden"),
+    ({"num_support": 16, "round_trainer": {"batch_size": 100}}, "qipo.round_trainer.batch_size"),
+])
+def test_bad_settings_are_refused_with_the_key_named(settings, key):
+    with pytest.raises(InputError, match=key.replace(".", r"\.")) as err:
+        QIPOConfig.from_dict(settings)
+    assert "\n" not in str(err.value)
+    if "bogus" not in settings and "stepz" not in str(settings):
+        with pytest.raises(InputError):  # also when built directly (the dataclass checks itself)
+            QIPOConfig(**settings)
+
+
+def test_beta_minus_one_message():
+    with pytest.raises(InputError, match=r"^experiment\.qipo\.beta must be a finite number >= 0, got -1$"):
+        QIPOConfig.from_dict({"beta": -1}, where="experiment.qipo")
+
+
+def tiny_pipeline_config(**kw):
+    return tiny_config(**{"behaviour": {"steps": 20, "batch_size": 64}, "critic": {"steps": 20, "batch_size": 64},
+                          "critic_states": 128, "rounds": 1, "round_steps": 5, "round_states": 64,
+                          "round_trainer": {"batch_size": 64}, "qgpo": {"steps": 5, "batch_size": 64, "hidden": 16,
+                                                                        "depth": 1}, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained_cache(tmp_path_factory):
+    """A tiny finished QIPO pipeline (behaviour, critic with support set, 1 round, QGPO energy)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("qipo_cache")
+    data, _ = bandit(n=500)
+    q = QIPO(data, tiny_pipeline_config(), str(root), device="cpu", progress=False)
+    q.run_rounds()
+    q.qgpo_predictor()
+    return root
+
+
+def fresh_copy(trained_cache, tmp_path):
+    root = tmp_path / "cache"
+    shutil.copytree(trained_cache, root)
+    data, _ = bandit(n=500)
+    return QIPO(data, tiny_pipeline_config(), str(root), device="cpu", progress=False)
+
+
+def truncate(path):
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])
+
+
+def empty(path):
+    open(path, "wb").close()
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, lambda p: open(p, "wb").write(b"not a torch file")])
+@pytest.mark.parametrize("target", ["behaviour", "critic", "round1", "energy", "support", "support-resume"])
+def test_damaged_stage_files_fail_with_one_line_naming_the_file(trained_cache, tmp_path, damage, target):
+    q = fresh_copy(trained_cache, tmp_path)
+    files = {"behaviour": (q.behaviour_stage, "policy.pt", q.behaviour),
+             "critic": (q.critic_stage, "critic.pt", q.critic),
+             "round1": (q.rounds_stage, "round1/policy.pt", q.run_rounds),
+             "energy": (q.qgpo_stage, "energy.pt", q.qgpo_predictor),
+             "support": (q.critic_stage, "support.pt", q.qgpo_predictor)}  # QGPO trains on the critic's support
+    if target == "support-resume":  # a killed critic stage resumes with its saved support set
+        stage, name, call = q.critic_stage, "support.pt", q.critic
+        os.remove(stage.file("done.json"))
+        shutil.rmtree(q.qgpo_stage.folder)
+    else:
+        stage, name, call = files[target]
+        if target == "support":
+            shutil.rmtree(q.qgpo_stage.folder)
+    path = stage.file(name)
+    damage(path)
+    with pytest.raises(CorruptFileError) as err:
+        call()
+    message = str(err.value)
+    assert path in message and "\n" not in message and "delete" in message
+
+
+def test_damaged_done_json_and_rounds_log_fail_with_one_line(trained_cache, tmp_path):
+    q = fresh_copy(trained_cache, tmp_path)
+    log = q.rounds_stage.file("rounds.jsonl")
+    text = open(log).read()
+    open(log, "w").write(text[: len(text) - 10])  # the last record cut mid-line
+    with pytest.raises(CorruptFileError, match="rounds.jsonl line 2") as err:
+        q.run_rounds()
+    assert "\n" not in str(err.value)
+    open(log, "w").write(text.replace('"round": 1', '"round": 4'))  # a gap in the chain
+    with pytest.raises(CorruptFileError, match="record of round 1"):
+        q.run_rounds()
+    open(log, "w").write(text)
+    done = q.critic_stage.file("done.json")
+    open(done, "w").write('{"finished": ')
+    with pytest.raises(CorruptFileError) as err:
+        q.critic()
+    assert done in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_crafted_pickle_in_a_policy_file_is_refused_and_runs_nothing(trained_cache, tmp_path):
+    q = fresh_copy(trained_cache, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = q.rounds_stage.file("round1/policy.pt")
+    torch.save({"net.weight": Payload()}, path)
+    with pytest.raises(UnsafeFileError, match="round1") as err:
+        q.run_rounds()
+    assert path in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_state_dict_of_another_network_is_refused(trained_cache, tmp_path):
+    q = fresh_copy(trained_cache, tmp_path)
+    torch.save({"weight": torch.zeros(3)}, q.critic_stage.file("critic.pt"))
+    with pytest.raises(CorruptFileError, match="does not fit"):
+        q.critic()
+
+
+WORKER = r'''
+import hashlib, json, os, sys, time
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+import energyflow.trainer as tr
+from test_qipo import QIPO, bandit, expected_reward, tiny_pipeline_config
+
+real_fit = tr.Trainer.fit
+def fit(self):
+    with open({log!r}, "a") as f:
+        f.write(json.dumps([os.getpid(), self.out_dir]) + "\n")
+    time.sleep(1.5)  # long enough that the other run arrives while this stage is held
+    return real_fit(self)
+tr.Trainer.fit = fit
+
+data, _ = bandit(n=500)
+q = QIPO(data, tiny_pipeline_config(rounds=2), {cache!r}, device="cpu", progress=False)
+records = q.run_rounds(evaluate=lambda pol, r: {{"reward": expected_reward(pol, n=200)}})
+weights = open(q.final_policy_file(records), "rb").read()
+print(json.dumps({{"records": records, "sha": hashlib.sha256(weights).hexdigest()}}))
+'''
+
+
+def test_two_runs_sharing_a_cache_train_each_stage_once(tmp_path):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "worker.py"
+    log = tmp_path / "fits.jsonl"
+    script.write_text(WORKER.format(root=os.path.dirname(tests), tests=tests, log=str(log), cache=str(tmp_path / "cache")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1]  # the same records (with evaluations) and the same final weights
+    assert [r["round"] for r in results[0]["records"]] == [0, 1, 2]
+    fits = [json.loads(line) for line in log.read_text().splitlines()]
+    folders = [os.path.relpath(d, tmp_path / "cache") for _, d in fits]
+    assert sorted(folders) == sorted(set(folders)) and len(folders) == 4, folders  # behaviour, critic, round1, round2
+    assert "waiting for another run" in "".join(err for _, err in outs)

@@ -62,7 +62,12 @@ def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
     text = rl_table.table(loaded)
     r = results["qipo_ot"]["last"]
     assert f"| QIPO-OT | 2 | {r['mean']:.1f} ± {r['std']:.1f} |" in text and "| QGPO | 2 |" in text
-    assert "critic" in text.splitlines()[2]  # stage wall times: each stage's done.json, even when cached
+    # stage wall times: each stage's own compute time (from its done.json), recorded in summary.json
+    # so the run directory needs no cache (no absolute stage paths)
+    summary = json.loads((tmp_path / "qipo_ot" / "seed0" / "summary.json").read_text())
+    assert set(summary["stage_compute_seconds"]) == {"behaviour", "critic", "rounds"}
+    assert all(v > 0 for v in summary["stage_compute_seconds"].values())
+    assert not any(os.path.isabs(v) for v in summary["stages"].values())
     rl_table.figure(loaded, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
@@ -125,3 +130,108 @@ def test_data_commands_make_and_list(tmp_path, monkeypatch, capsys):
     assert main(["run", os.path.join(ROOT, "recipes", "qipo_walker.yaml"), "dataset=energyflow/nope-v0",
                  "--run-dir", str(tmp_path / "r")]) == 2
     assert "energyflow data" in capsys.readouterr().err
+
+
+# -- hardening: inputs checked at construction, self-contained run directories -------------------------
+import math  # noqa: E402
+import shutil  # noqa: E402
+
+from energyflow.errors import InputError  # noqa: E402
+
+RECIPE = os.path.join(ROOT, "recipes", "qipo_walker.yaml")
+TINY_OVERRIDES = ["device=cpu", "experiment.progress=false", "experiment.default_dataset.id=energyflow/test-walker-v0",
+                  "experiment.default_dataset.steps_per_actor=[60,60,60,60,60,60]", "experiment.qipo.hidden=32",
+                  "experiment.qipo.critic_hidden=32", "experiment.qipo.behaviour.steps=20",
+                  "experiment.qipo.critic.steps=20", "experiment.qipo.critic_states=128", "experiment.qipo.rounds=1",
+                  "experiment.qipo.round_steps=5", "experiment.qipo.round_states=32", "experiment.qipo.qgpo.steps=5",
+                  "experiment.qipo.qgpo.hidden=16", "experiment.eval_episodes=2"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("beta=-1", "experiment.qipo.beta"), ("beta=nan", "experiment.qipo.beta"), ("beta=inf", "experiment.qipo.beta"),
+    ("experiment.qipo.rounds=-1", "experiment.qipo.rounds"), ("+experiment.qipo.bogus=1", "bogus"),
+    ("experiment.qipo.round_steps=0", "experiment.qipo.round_steps"),
+    ("experiment.qipo.behaviour.lr=-1", "experiment.qipo.behaviour"),
+    ("experiment.eval_episodes=0", "experiment.eval_episodes"), ("experiment.reward_scale=0", "experiment.reward_scale"),
+    ("experiment.reward_scale=nan", "experiment.reward_scale"), ("experiment.seeds=[0,0]", "experiment.seeds"),
+    ("experiment.seeds=[a]", "experiment.seeds"), ("algo=ppo", "experiment.algo"),
+])
+def test_bad_inputs_are_refused_before_any_data_or_training(tmp_path, monkeypatch, capsys, override, key):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    assert main(["run", RECIPE, override, "--run-dir", str(tmp_path / "runs" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert key in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "minari").exists() and not (tmp_path / "runs" / "cache").exists()  # nothing built or trained
+
+
+def test_construction_checks_every_setting_in_python_too():
+    with pytest.raises(InputError, match=r"experiment\.qipo\.beta must be a finite number >= 0, got nan"):
+        OfflineRLExperiment(qipo={"beta": math.nan})
+    with pytest.raises(InputError, match=r"experiment\.qipo\.seed is set from experiment\.seeds"):
+        OfflineRLExperiment(qipo={"seed": 3})
+    with pytest.raises(InputError, match=r"experiment\.eval_episodes"):
+        OfflineRLExperiment(eval_episodes=2.5)
+
+
+def test_evaluate_checks_the_run_directory_is_writable_before_any_work(tmp_path, monkeypatch):
+    import domains.rl.experiment as rl_experiment
+
+    experiment = OfflineRLExperiment()
+    monkeypatch.setattr(experiment, "load_data", lambda: pytest.fail("evaluate loaded data before checking"))
+    monkeypatch.setattr(rl_experiment, "check_writable", lambda folder, what="folder": (_ for _ in ()).throw(
+        InputError(f"cannot write to {what} {folder}: Read-only file system")))
+    with pytest.raises(InputError, match="Read-only"):
+        experiment.evaluate(str(tmp_path))
+    if os.geteuid() != 0:  # a real read-only folder (root may write anyway)
+        monkeypatch.undo()
+        monkeypatch.setattr(experiment, "load_data", lambda: pytest.fail("evaluate loaded data before checking"))
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+        try:
+            with pytest.raises(InputError, match="cannot write"):
+                experiment.evaluate(str(tmp_path / "ro"))
+        finally:
+            os.chmod(tmp_path / "ro", 0o755)
+
+
+@pytest.mark.slow
+def test_a_copied_run_directory_evaluates_without_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    original, moved = tmp_path / "original", tmp_path / "moved"
+    last = {}
+    for algo in ("qipo_ot", "qgpo"):
+        assert main(["run", RECIPE, f"algo={algo}", *TINY_OVERRIDES, "--run-dir", str(original / algo)]) == 0
+        last[algo] = json.loads((original / algo / "results.json").read_text())["last"]["per_seed"]
+        summary = (original / algo / "seed0" / "summary.json").read_text()
+        assert str(tmp_path) not in summary and '"final_policy": "seed0/policy.pt"' in summary  # no absolute paths
+        shutil.copytree(original / algo, moved / algo)
+    shutil.rmtree(original)  # the runs and their stage cache are gone
+    capsys.readouterr()
+    for algo in ("qipo_ot", "qgpo"):
+        assert main(["eval", str(moved / algo)]) == 0, capsys.readouterr().err
+        again = json.loads((moved / algo / "eval.json").read_text())
+        assert [again["per_seed"]["0"]["normalized_score"]] == last[algo]
+    assert not (tmp_path / "original").exists()  # evaluation never touched the old cache location
+
+    # a damaged or crafted final policy: one line naming the file, exit code 2, nothing executed
+    policy = moved / "qipo_ot" / "seed0" / "policy.pt"
+    blob = policy.read_bytes()
+    policy.write_bytes(blob[: len(blob) // 3])
+    capsys.readouterr()
+    assert main(["eval", str(moved / "qipo_ot")]) == 2
+    err = capsys.readouterr().err
+    assert str(policy) in err and len(err.strip().splitlines()) == 1, err
+    marker = tmp_path / "executed"
+    policy.write_bytes(b"")
+    energy = moved / "qgpo" / "seed0" / "qgpo_energy.pt"
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"body.inp.weight": Payload()}, energy)
+    assert main(["eval", str(moved / "qgpo")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and str(energy) in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()

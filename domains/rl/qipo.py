@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -308,7 +309,11 @@ class QIPO:
 
     def _support(self, path: str, what: str = "critic support set") -> tuple[Tensor, Tensor]:
         """The ``support`` [N, M, act_dim] and ``index`` [N] saved by the critic stage, checked."""
-        saved = load_torch(path, what=what)
+        redo = f"delete {os.path.dirname(path)} to redo the critic stage"
+        try:
+            saved = load_torch(path, what=what)
+        except InputError as err:
+            raise type(err)(f"{err}; {redo}") from None
         ok = isinstance(saved, dict) and isinstance(saved.get("support"), Tensor) and isinstance(saved.get("index"), Tensor)
         if ok:
             support, idx = saved["support"], saved["index"]
@@ -316,8 +321,7 @@ class QIPO:
                   and idx.shape == (support.shape[0],) and (len(idx) == 0 or int(idx.max()) < len(self.data)))
         if not ok:
             raise CorruptFileError(f"{what} {path} is not a support set of this stage (expected 'support' "
-                                   f"[N, {self.cfg.num_support}, {self.data.act_dim}] and 'index' [N]); "
-                                   f"delete {os.path.dirname(path)} to redo the critic stage")
+                                   f"[N, {self.cfg.num_support}, {self.data.act_dim}] and 'index' [N]); {redo}")
         return saved["support"], saved["index"]
 
     # -- stage 1: behaviour --------------------------------------------------------------------------
@@ -430,6 +434,7 @@ class QIPO:
                 append_jsonl(log_path, records[-1])
             g = torch.Generator()
             for r in range(records[-1]["round"] + 1, self.cfg.rounds + 1):
+                start = time.perf_counter()
                 g.manual_seed(self.cfg.seed + 7919 * r)
                 batch = self.round_batch(policy.eval(), critic, g)
                 source = TensorBatchSource({k: batch[k] for k in ("x1", "cond", "energy")}, group_size=self.cfg.num_support)
@@ -442,12 +447,15 @@ class QIPO:
                 result = trainer.fit()
                 atomic_torch_save(policy.state_dict(), os.path.join(round_dir, "policy.pt"))
                 record = {"round": r, "q_support_mean": float(batch["q"].mean()),
-                          "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss")}
+                          "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss"),
+                          "train_seconds": round(time.perf_counter() - start, 2)}
                 if evaluate is not None:
                     record.update(evaluate(policy.eval(), r))
                 records.append(record)
                 append_jsonl(log_path, record)
-            stage.finish({"rounds": max(len(records), len(all_rounds)) - 1})
+            chain = records if len(records) > len(all_rounds) else all_rounds
+            stage.finish({"rounds": len(chain) - 1,  # the renewals' compute time (sampling and training)
+                          "seconds": round(sum(rec.get("train_seconds", 0.0) for rec in chain), 2)})
         return records
 
     def final_policy_file(self, records: list[dict]) -> str:
