@@ -165,21 +165,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from .files import check_writable, write_text
+    from .runtime import broadcast_object, init_distributed, is_main_process, resolve_device
 
     cfg = compose_recipe(args.recipe, args.overrides)
-    run_dir = args.run_dir or cfg.get("run_dir") or _default_run_dir(args.recipe)
-    saved = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(saved) and not args.force:
-        _check_yaml(saved, "run config")
-        if OmegaConf.load(saved) != cfg and _has_outputs(run_dir):
-            raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)  # validates every setting before anything is written
-    check_writable(run_dir, "run directory")
-    write_text(OmegaConf.to_yaml(cfg), saved)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        if not getattr(experiment, "supports_distributed", False):
+            raise RecipeError(f"{cfg.experiment._target_} does not support torchrun (data-parallel) runs; "
+                              f"run it as one process")
+        init_distributed(resolve_device(str(cfg.get("device", "auto"))))
+    main = is_main_process()
+    run_dir = args.run_dir or cfg.get("run_dir") or _default_run_dir(args.recipe)
+    if distributed:  # the time-stamped default may differ between ranks: rank 0's wins
+        run_dir = broadcast_object(run_dir)
+    if main:
+        saved = os.path.join(run_dir, "config.yaml")
+        if os.path.exists(saved) and not args.force:
+            _check_yaml(saved, "run config")
+            if OmegaConf.load(saved) != cfg and _has_outputs(run_dir):
+                raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
+        check_writable(run_dir, "run directory")
+        write_text(OmegaConf.to_yaml(cfg), saved)
+        print(f"run directory: {run_dir}", file=sys.stderr)
     results = experiment.run(run_dir)
-    print(json.dumps(results, indent=2, sort_keys=True, default=str))
+    if main:
+        print(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
 

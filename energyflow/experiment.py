@@ -26,7 +26,16 @@ class Experiment(abc.ABC):
 
     Subclasses train and evaluate in :meth:`run`, writing everything under ``run_dir``
     (checkpoints, ``metrics.jsonl``, tensorboard logs, figures, ``results.json``).
+
+    Attributes:
+        supports_distributed: whether :meth:`run` may be called on every rank of a ``torchrun``
+            launch (``torchrun --nproc_per_node K -m energyflow run RECIPE``): the process group is
+            initialised before :meth:`run`, stages train data-parallel (see :meth:`Stage.run
+            <energyflow.stages.Stage.run>`), only rank 0 writes and evaluates, and the other ranks
+            return ``{}``.  Experiments that do not say so are refused under torchrun.
     """
+
+    supports_distributed: bool = False
 
     @abc.abstractmethod
     def run(self, run_dir: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_device", "seed_everything", "set_threads", "auto_threads", "available_cpus", "DistInfo", "init_distributed",
-           "atomic_torch_save", "is_main_process"]
+           "atomic_torch_save", "is_main_process", "broadcast_object"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -80,6 +80,15 @@ def init_distributed(device: torch.device) -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def is_main_process() -> bool:

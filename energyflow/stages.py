@@ -171,16 +171,40 @@ class Stage:
 
     def run(self, fn: Callable[[str], Optional[dict[str, Any]]]) -> dict[str, Any]:
         """Run ``fn(path)`` under the stage's lock unless the stage is done; ``fn``'s return value is
-        the summary.  A run that waited for another one finds the stage done and only reads it."""
-        if self.done:
+        the summary.  A run that waited for another one finds the stage done and only reads it.
+
+        Under ``torchrun`` (an initialised process group) every rank calls ``run`` and every rank
+        runs ``fn`` (data-parallel training needs them all): rank 0 takes the lock, decides and
+        tells the others, and alone writes (``fn`` should write only where
+        :func:`energyflow.runtime.is_main_process`); it marks the stage done.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            if self.done:
+                return self.summary
+            with self.lock():
+                if not self.done:
+                    self._run_and_finish(fn, self.path)
             return self.summary
-        with self.lock():
-            if not self.done:
-                start = time.perf_counter()
-                summary = fn(self.path) or {}
-                summary.setdefault("seconds", round(time.perf_counter() - start, 2))
-                self.finish(summary)
+        main = dist.get_rank() == 0
+        with self.lock() if main else contextlib.nullcontext():
+            todo = [main and not self.done]
+            dist.broadcast_object_list(todo, src=0)
+            if todo[0]:
+                folder = self.path if main else self.folder
+                if main:
+                    self._run_and_finish(fn, folder)
+                else:
+                    fn(folder)
+        dist.barrier()
         return self.summary
+
+    def _run_and_finish(self, fn: Callable[[str], Optional[dict[str, Any]]], folder: str) -> None:
+        start = time.perf_counter()
+        summary = fn(folder) or {}
+        summary.setdefault("seconds", round(time.perf_counter() - start, 2))
+        self.finish(summary)
 
     def clear(self) -> None:
         """Delete the stage's outputs."""

@@ -271,6 +271,17 @@ class Trainer:
         vals = vals.cpu()
         return {f"{self.name}/{k}": float(v) for k, v in zip(keys, vals)}
 
+    def _rank_weight_diff(self) -> float:
+        """The largest |w_rank − w_rank0| over all weights and ranks (0 when data parallelism kept the
+        replicas identical, as it must); logged at the end of a data-parallel fit."""
+        diff = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.model.parameters():
+            ref = p.detach().clone()
+            dist.broadcast(ref, src=0)
+            diff = torch.maximum(diff, (p.detach() - ref).abs().max().to(torch.float64))
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
     def _check_ess(self, metrics: dict[str, float]) -> None:
         """Warn once when the window's mean ESS fraction is below ``config.min_ess_fraction``."""
         frac = metrics.get(f"{self.name}/ess_fraction")
@@ -429,6 +440,10 @@ class Trainer:
             if self.logger is not None and stop.signum is not None:
                 self.logger.close()
                 self.logger = None
+        if self.dist.enabled:
+            last[f"{self.name}/rank_weight_diff"] = self._rank_weight_diff()
+            if self.logger is not None:
+                self.logger.log(self.step, {f"{self.name}/rank_weight_diff": last[f"{self.name}/rank_weight_diff"]})
         if self.hooks:
             last.update(self.evaluate())
         if self.logger is not None:

@@ -122,3 +122,43 @@ def test_help_is_fast_and_explains():
     for cmd in ("run", "sample", "eval"):
         sub = subprocess.run([sys.executable, "-m", "energyflow", cmd, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+TINY_DDP = ["experiment.betas=[3]", "experiment.paths=[ot]", "experiment.baselines=[]", "experiment.trainer.steps=12",
+            "experiment.trainer.log_every=1", "experiment.trainer.batch_size=256", "experiment.num_eval_samples=200",
+            "experiment.eval_repeats=1", "experiment.pool_size=20000", "experiment.trainer.progress=false",
+            "device=cpu", "num_threads=1", "+experiment.plot=false"]
+
+
+def _loss_curve(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "train" / "efm_ot_beta3" / "metrics.jsonl")]
+    return [r["train/loss"] for r in rows if "train/loss" in r], rows
+
+
+@pytest.mark.slow
+def test_torchrun_runs_a_recipe_data_parallel_like_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m energyflow run RECIPE` (gloo): both ranks end with the same
+    weights, the loss curve equals the one-process run's, and rank 0 alone writes the run directory."""
+    recipe = os.path.join(ROOT, "recipes", "toy_8gaussians.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "energyflow", "run", recipe, *TINY_DDP, "--run-dir", str(ddp)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"methods"') == 1  # only rank 0 reports
+    assert main(["run", recipe, *TINY_DDP, "--run-dir", str(single)]) == 0
+    l_ddp, rows = _loss_curve(ddp)
+    l_single, _ = _loss_curve(single)
+    assert len(l_ddp) == len(l_single) == 12
+    assert l_ddp == pytest.approx(l_single, rel=1e-4, abs=1e-6)
+    assert [r["train/rank_weight_diff"] for r in rows if "train/rank_weight_diff" in r] == [0.0]
+    assert json.loads((ddp / "results.json").read_text())["methods"]["efm_ot"]["beta3"]["energy_distance"] >= 0
+
+
+def test_torchrun_refuses_experiments_that_do_not_support_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = os.path.join(ROOT, "recipes", "qipo_walker.yaml")
+    assert main(["run", recipe, *TINY_QIPO, "--run-dir", str(tmp_path / "r")]) == 2
+    assert "does not support torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

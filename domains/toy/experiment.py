@@ -44,7 +44,6 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from energyflow.data import FunctionBatchSource
@@ -137,6 +136,8 @@ def _mapping(value: Any, key: str, allowed: Optional[Sequence[str]]) -> dict[str
 class ToyExperiment(Experiment):
     """Energy-weighted flow matching on a 2-D toy data set, against the exact tilted target.
 
+    Runs data-parallel under ``torchrun --nproc_per_node K -m energyflow run recipes/toy_8gaussians.yaml``.
+
     Every input is validated on construction, before anything is trained; a bad one raises
     :class:`~energyflow.errors.InputError` naming its recipe key (``experiment.betas`` …).
 
@@ -171,6 +172,8 @@ class ToyExperiment(Experiment):
         seed: seeds training, sampling and the target draws.
         plot: write ``<dataset>.png`` with data / exact target / each method for every β.
     """
+
+    supports_distributed = True
 
     def __init__(self, dataset: str = "8gaussians", energy: Optional[Energy] = None,
                  betas: Sequence[float] = (1.0, 3.0, 10.0), paths: Sequence[str] = ("ot", "vp"),
@@ -350,35 +353,20 @@ class ToyExperiment(Experiment):
         if main:
             meta = {"kind": spec["kind"], "path": spec["path"], "beta": beta,
                     "stage": os.path.basename(stage.folder), **summary}
-            save_model(trainer.ema_module, folder, name, meta)
+            save_model(trainer.ema_module, folder, name, meta, path=None if spec["kind"] == "cep" else spec["path"])
         return summary
 
     def _run_stage(self, name: str, stage: Stage) -> tuple[dict[str, Any], bool]:
-        """Train ``name`` unless its stage is done; returns the stage summary and whether it trained now.
+        """Train ``name`` unless its stage is done (:meth:`Stage.run`: locked, so runs sharing the folder
+        train it once; under ``torchrun`` every rank trains and rank 0 writes); returns the stage
+        summary and whether it trained now."""
+        trained: list[bool] = []
 
-        One process: :meth:`Stage.run` (locked, so concurrent runs sharing the folder train it once).
-        Under ``torchrun`` every rank must train together: rank 0 takes the lock, decides, and tells
-        the others; it alone writes the model and marks the stage done.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            trained: list[bool] = []
+        def fn(folder: str) -> dict[str, Any]:
+            trained.append(True)
+            return self._train_model(name, stage, folder, is_main_process())
 
-            def fn(folder: str) -> dict[str, Any]:
-                trained.append(True)
-                return self._train_model(name, stage, folder)
-
-            return stage.run(fn), bool(trained)
-        main = dist.get_rank() == 0
-        with stage.lock() if main else contextlib.nullcontext():
-            todo = [main and not stage.done]
-            dist.broadcast_object_list(todo, src=0)
-            if todo[0]:
-                start = time.perf_counter()
-                summary = self._train_model(name, stage, stage.path if main else stage.folder, main)
-                if main:
-                    stage.finish({**summary, "seconds": round(time.perf_counter() - start, 2)})
-        dist.barrier()
-        return stage.summary, bool(todo[0])
+        return stage.run(fn), bool(trained)
 
     @staticmethod
     def _publish(run_dir: str, name: str, stage: Stage) -> None:
@@ -457,7 +445,7 @@ class ToyExperiment(Experiment):
     # -- the Experiment interface ------------------------------------------------------------------
     def run(self, run_dir: str) -> dict[str, Any]:
         os.makedirs(run_dir, exist_ok=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: join the group before deciding stages
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun outside the CLI: join the group first
             init_distributed(resolve_device(self.trainer_cfg.get("device", "auto")))
         main = is_main_process()
         stage_seconds, training = {}, {}
@@ -469,8 +457,9 @@ class ToyExperiment(Experiment):
                               "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds")}
             if main:
                 self._publish(run_dir, name, stage)
-        if main:
-            self._unpublish_stale(run_dir)
+        if not main:  # torchrun: the other ranks only train
+            return {}
+        self._unpublish_stale(run_dir)
         results = self.evaluate(run_dir)
         results["stage_seconds"] = stage_seconds
         results["training"] = training
