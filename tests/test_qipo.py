@@ -382,3 +382,15 @@ def test_two_runs_sharing_a_cache_train_each_stage_once(tmp_path):
     folders = [os.path.relpath(d, tmp_path / "cache") for _, d in fits]
     assert sorted(folders) == sorted(set(folders)) and len(folders) == 4, folders  # behaviour, critic, round1, round2
     assert "waiting for another run" in "".join(err for _, err in outs)
+
+
+def test_evaluation_refuses_unusable_inputs_with_one_line():
+    from domains.rl.evaluate import evaluate_policy
+
+    zero = lambda obs: torch.zeros(obs.shape[0], 6)  # noqa: E731
+    with pytest.raises(InputError, match="episodes"):
+        evaluate_policy(zero, "Walker2d-v5", episodes=0)
+    with pytest.raises(InputError, match="reference scores"):
+        evaluate_policy(zero, "Walker2d-v5", episodes=1, ref_min=1.0, ref_max=1.0)
+    with pytest.raises(InputError, match="no reference scores for CartPole-v1"):
+        evaluate_policy(zero, "CartPole-v1", episodes=1)

@@ -6,11 +6,14 @@ is 100·(R − R_random)/(R_expert − R_random).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from energyflow.errors import InputError
 
 __all__ = ["EvalResult", "evaluate_policy"]
 
@@ -54,8 +57,17 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor], env_id: str, ep
 
     from .datasets import ref_scores_for
 
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise InputError(f"evaluation episodes must be an integer >= 1, got {episodes!r}")
     if ref_min is None or ref_max is None:
-        ref_min, ref_max = ref_scores_for(env_id)
+        try:
+            ref_min, ref_max = ref_scores_for(env_id)
+        except KeyError:
+            raise InputError(f"no reference scores for {env_id} (the dataset stores none and D4RL has none): "
+                             f"normalised scores need ref_min_score and ref_max_score in the dataset") from None
+    if not (math.isfinite(ref_min) and math.isfinite(ref_max)) or ref_max == ref_min:
+        raise InputError(f"reference scores of {env_id} must be two different finite returns (random, expert), "
+                         f"got {ref_min!r} and {ref_max!r}")
     envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(episodes)])
     obs, _ = envs.reset(seed=[seed + i for i in range(episodes)])
     returns = np.zeros(episodes)

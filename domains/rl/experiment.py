@@ -89,10 +89,10 @@ class OfflineRLExperiment(Experiment):
         if default_dataset is not None and not isinstance(default_dataset, dict):
             raise InputError(f"experiment.default_dataset must be a mapping (id, actors, steps_per_actor), "
                              f"got {default_dataset!r}")
-        if isinstance(eval_episodes, bool) or not isinstance(eval_episodes, int) or eval_episodes < 1:
-            raise InputError(f"experiment.eval_episodes must be an integer >= 1, got {eval_episodes!r}")
-        if isinstance(eval_seed, bool) or not isinstance(eval_seed, int):
-            raise InputError(f"experiment.eval_seed must be an integer, got {eval_seed!r}")
+        from .qipo import _integer
+
+        eval_episodes = _integer(eval_episodes, "experiment.eval_episodes", minimum=1)
+        eval_seed = _integer(eval_seed, "experiment.eval_seed")
         if (isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float))
                 or not math.isfinite(reward_scale) or reward_scale <= 0):
             raise InputError(f"experiment.reward_scale must be a finite number > 0, got {reward_scale!r}")
