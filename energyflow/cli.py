@@ -20,11 +20,14 @@ EPILOG_RUN = """examples:
   energyflow run recipes/toy_8gaussians.yaml
   energyflow run recipes/toy_8gaussians.yaml seed=1 experiment.betas=[1,5] experiment.trainer.steps=500
   energyflow run recipes/toy_8gaussians.yaml --run-dir runs/mine     # rerun to resume
+  energyflow run recipes/toy_8gaussians.yaml --multirun seed=0,1,2 --run-dir runs/seeds   # a sweep
+  torchrun --nproc_per_node 2 -m energyflow run recipes/toy_8gaussians.yaml              # data-parallel
 
 Overrides use Hydra's syntax (key=value, +new_key=value, ~key).  The run directory receives the
-resolved config.yaml, one folder per training stage (train/<stage>/ with metrics.jsonl, tensorboard
-logs in tb/ and checkpoint.pt), the trained models (models/), results.json, eval.json and figures.
-`energyflow run` is one process; for data-parallel training use the Trainer under torchrun.
+resolved config.yaml, the cached training stages (stages/<name>-<key>/ with metrics.jsonl,
+tensorboard logs and checkpoint.pt), the trained models (models/, self-describing: 'energyflow
+sample FILE'), results.json, eval.json and figures.  Rerunning a run directory resumes it; a changed
+setting retrains exactly the stages it affects.
 """
 
 
@@ -161,12 +164,49 @@ def _has_outputs(run_dir: str) -> bool:
     return False
 
 
+def _run_point(cfg, run_dir: str, force: bool = False) -> dict[str, Any]:
+    """One run of a composed recipe into ``run_dir`` (one process)."""
+    from omegaconf import OmegaConf
+
+    from .files import check_writable, write_text
+
+    _apply_runtime(cfg)
+    experiment = build_experiment(cfg)
+    saved = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(saved) and not force:
+        _check_yaml(saved, "run config")
+        if OmegaConf.load(saved) != cfg and _has_outputs(run_dir):
+            raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
+    check_writable(run_dir, "run directory")
+    write_text(OmegaConf.to_yaml(cfg), saved)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return experiment.run(run_dir)
+
+
+def cmd_multirun(args: argparse.Namespace) -> int:
+    from .sweeps import flatten_numbers, run_multirun
+
+    compose_recipe(args.recipe, [])  # the recipe itself is checked first
+    sweep_dir = args.run_dir or _default_run_dir(args.recipe) + "-sweep"
+
+    def headline(cfg, results):
+        experiment = build_experiment(cfg)
+        pick = getattr(experiment, "headline", None)
+        return pick(results) if pick is not None else flatten_numbers(results)
+
+    rows = run_multirun(args.recipe, args.overrides, sweep_dir, lambda cfg, d: _run_point(cfg, d, args.force), headline)
+    print(f"{len(rows)} runs in {sweep_dir}; summary: {os.path.join(sweep_dir, 'summary.csv')}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from .files import check_writable, write_text
     from .runtime import broadcast_object, init_distributed, is_main_process, resolve_device
 
+    if args.multirun:
+        return cmd_multirun(args)
     cfg = compose_recipe(args.recipe, args.overrides)
     _apply_runtime(cfg)
     experiment = build_experiment(cfg)  # validates every setting before anything is written
@@ -327,6 +367,10 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. seed=1 experiment.betas=[1,3]")
     run.add_argument("--run-dir", help="output directory (default: runs/<recipe>/<timestamp>; reuse one to resume)")
     run.add_argument("--force", action="store_true", help="reuse a run directory even if its config differs")
+    run.add_argument("-m", "--multirun", action="store_true", help=(
+        "sweep: Hydra multirun over comma-separated values (seed=0,1,2 experiment.trainer.batch_size=64,256); one "
+        "run directory per point under --run-dir (default runs/<recipe>/<timestamp>-sweep) plus summary.csv and "
+        "summary.png; hydra/launcher=joblib runs points in parallel, hydra/launcher=submitit_slurm on SLURM"))
     run.set_defaults(func=cmd_run)
 
     sample = sub.add_parser("sample", help="draw samples from a trained run or a model file", description=(

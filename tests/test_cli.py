@@ -162,3 +162,20 @@ def test_torchrun_refuses_experiments_that_do_not_support_it(tmp_path, capsys, m
     assert main(["run", recipe, *TINY_QIPO, "--run-dir", str(tmp_path / "r")]) == 2
     assert "does not support torchrun" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_three_point_multirun_writes_three_runs_and_a_summary(tmp_path):
+    import csv
+
+    recipe = os.path.join(ROOT, "recipes", "toy_8gaussians.yaml")
+    sweep = tmp_path / "sweep"
+    tiny = [a for a in TINY_DDP if not a.startswith(("experiment.trainer.steps", "experiment.trainer.batch_size"))]
+    tiny += ["experiment.trainer.steps=3"]
+    assert main(["run", recipe, "--multirun", "experiment.trainer.batch_size=32,64,128", *tiny,
+                 "--run-dir", str(sweep)]) == 0
+    for k in range(3):
+        assert (sweep / str(k) / "results.json").exists() and (sweep / str(k) / "config.yaml").exists()
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["experiment.trainer.batch_size"] for r in rows] == ["32", "64", "128"]
+    assert all(float(r["efm_ot/beta3/ratio"]) > 0 and 0 < float(r["efm_ot_beta3/ess_fraction"]) <= 1 for r in rows)
+    assert (sweep / "summary.png").stat().st_size > 1000

@@ -453,8 +453,10 @@ class ToyExperiment(Experiment):
             t0 = time.perf_counter()
             summary, trained_now = self._run_stage(name, stage)
             stage_seconds[name] = round(time.perf_counter() - t0, 2)
+            final = summary.get("final_metrics") or {}
             training[name] = {"stage": os.path.relpath(stage.folder, run_dir), "trained_now": trained_now,
-                              "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds")}
+                              "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
+                              "ess_fraction": final.get("train/ess_fraction")}
             if main:
                 self._publish(run_dir, name, stage)
         if not main:  # torchrun: the other ranks only train
@@ -465,6 +467,16 @@ class ToyExperiment(Experiment):
         results["training"] = training
         write_json(results, os.path.join(run_dir, "results.json"))
         return results
+
+    @staticmethod
+    def headline(results: dict[str, Any]) -> dict[str, float]:
+        """A sweep's summary row: each method's energy-distance ratio per β and the training ESS
+        fraction of each energy-weighted model (the batch's effective sample size / batch size)."""
+        row = {f"{method}/{tag}/ratio": float(m["energy_distance_ratio"])
+               for method, per_beta in results.get("methods", {}).items() for tag, m in per_beta.items()}
+        row.update({f"{name}/ess_fraction": float(t["ess_fraction"])
+                    for name, t in results.get("training", {}).items() if t.get("ess_fraction") is not None})
+        return row
 
     def evaluate(self, run_dir: str, sampler: Optional[dict] = None) -> dict[str, Any]:
         """Distances of every method's samples to exact target samples, and the floor, per β.
