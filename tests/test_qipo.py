@@ -162,7 +162,7 @@ def stage_keys(data, cfg, root="unused", **kw):
 
 
 # field -> (a changed value, the stages whose output it changes; the others must keep their keys)
-ALL, CRITIC_ON, = STAGES, ("critic", "rounds", "qgpo")
+ALL, CRITIC_ON = STAGES, ("critic", "rounds", "qgpo")
 KEY_CASES = {
     "path": ("vp", ALL), "hidden": (32, ALL), "depth": (3, ALL), "seed": (1, ALL),
     "behaviour": ({"steps": 401, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.99}, ALL),
