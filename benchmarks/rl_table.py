@@ -29,7 +29,11 @@ def load(run_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             summary = json.load(f)
         for name, v in summary["stage_seconds"].items():
-            stage_dir = (summary.get("stages") or {}).get(name)
+            computed = (summary.get("stage_compute_seconds") or {}).get(name)
+            if computed is not None:  # the stage's own compute time, recorded by the run
+                stages.setdefault(name, []).append(computed)
+                continue
+            stage_dir = (summary.get("stages") or {}).get(name)  # older runs: absolute stage folders
             done = os.path.join(stage_dir, "done.json") if stage_dir else ""
             if os.path.exists(done):  # the stage's own compute time, even when this run loaded it from the cache
                 with open(done, encoding="utf-8") as f:

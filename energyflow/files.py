@@ -119,7 +119,7 @@ def load_torch(path: str | os.PathLike, what: str = "file", map_location: Any = 
         reason = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0])
         raise CorruptFileError(f"{what} {path} is truncated or not a torch file ({reason[:200]})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
         if not zipfile.is_zipfile(path) and (reason.strip("'").isdigit() or isinstance(err, (KeyError, ValueError))):
             reason = "not a torch file: neither a zip archive nor a legacy torch pickle"
         raise CorruptFileError(f"{what} {path} is truncated or corrupt ({reason})") from None

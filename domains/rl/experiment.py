@@ -109,20 +109,19 @@ class OfflineRLExperiment(Experiment):
         self.cache_dir, self.default_dataset = cache_dir, dict(default_dataset or {})
         self.device, self.progress = device, progress
         self._config(self.seeds[0])  # every QIPO setting checked now, not after the first stages trained
+        _check_env_id(self.env_id)
 
     # -- data ------------------------------------------------------------------------------------------
     def load_data(self):
         """The dataset as :class:`~domains.rl.datasets.Transitions` (rewards scaled by ``reward_scale``),
         checked against the environment, and the dataset's name."""
-        import gymnasium as gym
-
-        from .datasets import load_dataset
+        from .datasets import load_dataset, make_env
 
         spec = self.dataset
         if spec == "default":
             spec = self.ensure_default_dataset()
         data = load_dataset(spec, download=self.download)
-        env = gym.make(self.env_id)
+        env = make_env(self.env_id)
         data.check_spaces(env.observation_space, env.action_space)
         env.close()
         if self.reward_scale != 1.0:
@@ -328,3 +327,15 @@ class OfflineRLExperiment(Experiment):
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)
+
+
+def _check_env_id(env_id: str) -> None:
+    """Refuse an unknown Gymnasium id at construction (the registry lookup builds no environment)."""
+    import gymnasium as gym
+
+    from .datasets import make_env
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        make_env(env_id).close()  # raises the one-line UnknownEnvironmentError (with a suggestion)
