@@ -83,7 +83,9 @@ def figure(results: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from energyflow.files import save_figure
+
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -321,10 +321,9 @@ def _scatter(x, path: str, title: str) -> None:
     ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
     ax.set_aspect("equal")
     ax.set_title(title)
-    from .files import atomic_open
+    from .files import save_figure
 
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, dpi=90, format="png")
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any, Iterator
 
 from .errors import CorruptFileError, InputError, UnsafeFileError
 
-__all__ = ["atomic_open", "atomic_torch_save", "write_json", "write_text", "load_torch", "read_json",
+__all__ = ["atomic_open", "atomic_torch_save", "write_json", "write_text", "save_figure", "load_torch", "read_json",
            "read_jsonl", "append_jsonl", "check_writable"]
 
 
@@ -78,6 +78,13 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """``fig.savefig`` atomically (the format from ``path``'s extension, default png)."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:

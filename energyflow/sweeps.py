@@ -74,7 +74,7 @@ def _plot_summary(rows: list[dict], swept: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_open
+    from .files import save_figure
 
     metrics = [k for k in (rows[0] if rows else {}) if k != "point" and k not in swept and isinstance(rows[0][k], float)]
     metrics = metrics[:12]
@@ -105,8 +105,7 @@ def _plot_summary(rows: list[dict], swept: list[str], path: str) -> None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, dpi=80, format="png")
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 

@@ -393,10 +393,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        if self.maybe_resume() and self.dist.is_main:
+        resumed = self.maybe_resume()
+        if resumed and self.dist.is_main:
             print(f"resumed from {self.checkpoint_path} at step {self.step}")
         if self.out_dir and self.dist.is_main:
-            self.logger = MetricLogger(self.out_dir, tensorboard=c.tensorboard)
+            self.logger = MetricLogger(self.out_dir, tensorboard=c.tensorboard, resume_step=self.step)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.dist.is_main),
                    dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         sums: dict[str, Any] = {}

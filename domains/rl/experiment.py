@@ -325,7 +325,9 @@ class OfflineRLExperiment(Experiment):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
+        from energyflow.files import save_figure
+
+        save_figure(fig, path, dpi=90)
         plt.close(fig)
 
 

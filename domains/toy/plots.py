@@ -49,6 +49,8 @@ def plot_toy_grid(rows: Sequence[tuple[float, Any, Tensor, dict[str, Tensor]]], 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
+    from energyflow.files import save_figure
+
+    save_figure(fig, out_path, dpi=90)
     plt.close(fig)
     return out_path
