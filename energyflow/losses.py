@@ -20,6 +20,7 @@ the samplers' initial noise must share (:func:`energyflow.sampling.initial_noise
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,7 @@ from .priors import GaussianPrior, Prior, expand_mask
 from .weights import energy_weights
 
 __all__ = [
+    "Objective",
     "LossOutput",
     "FlowMatchingLoss",
     "EnergyWeightedLoss",
@@ -54,6 +56,35 @@ class LossOutput:
     per_sample: Tensor
     weights: Optional[Tensor] = None
     metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """What the :class:`~energyflow.trainer.Trainer` minimises: the contract every training loss keeps.
+
+    The trainer draws the *global* batch (identical on every data-parallel rank), calls
+    :meth:`prepare` on it with its seeded noise generator, gives each rank a contiguous slice, and
+    calls the objective on the slice.  So everything random about a step (noise, times) must be
+    drawn in :meth:`prepare`; then single-process, data-parallel and resumed runs agree exactly.
+
+    Attributes:
+        group_size: ``M`` when the batch holds consecutive groups of ``M`` samples that belong
+            together (grouped weights, contrastive losses): the trainer checks that every rank's
+            slice holds whole groups.  ``None``: samples are independent.
+        uses_target: when ``True`` the trainer passes its EMA network as ``target=`` (a Polyak
+            target network, e.g. a critic's); objectives never hold a reference to it themselves.
+    """
+
+    group_size: Optional[int] = None
+    uses_target: bool = False
+
+    def prepare(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+        """Draw this step's randomness for the global ``batch`` (default: none); returns the batch."""
+        return batch
+
+    @abc.abstractmethod
+    def __call__(self, net: Callable[..., Any], batch: dict[str, Any], generator: Optional[torch.Generator] = None,
+                 *, target: Optional[Any] = None) -> "LossOutput":
+        """The loss of ``net`` on this rank's ``batch`` (keys: see the module docstring)."""
 
 
 def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
@@ -103,7 +134,7 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class FlowMatchingLoss:
+class FlowMatchingLoss(Objective):
     """Plain flow matching (OT path) or denoising (VP path, ε target): ``mean_i ℓ_i``.
 
     Args:
@@ -142,7 +173,7 @@ class FlowMatchingLoss:
         return masked_mean_per_sample((pred - target).square(), mask)
 
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
-                 generator: Optional[torch.Generator] = None) -> LossOutput:
+                 generator: Optional[torch.Generator] = None, *, target: Any = None) -> LossOutput:
         per = self.per_sample(net, batch, generator)
         loss = per.mean()
         return LossOutput(loss=loss, per_sample=per, metrics={"loss": loss.detach()})
@@ -184,7 +215,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
             return self.energy(batch["x1"], batch.get("cond"), mask=batch.get("mask"))
 
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
-                 generator: Optional[torch.Generator] = None) -> LossOutput:
+                 generator: Optional[torch.Generator] = None, *, target: Any = None) -> LossOutput:
         w = energy_weights(self.energies(batch), self.beta, self.group_size, self.nonfinite, global_batch=True)
         per = self.per_sample(net, batch, generator, self.group_size)
         weighted = w.weights.to(per.dtype) * per
@@ -208,7 +239,7 @@ def energy_weighted_diffusion(beta: float, energy: Optional[Energy] = None, sche
     return EnergyWeightedLoss(VPPath(schedule=schedule), beta, energy, prediction="epsilon", **kwargs)
 
 
-class ContrastiveEnergyLoss:
+class ContrastiveEnergyLoss(Objective):
     """QGPO's contrastive energy prediction (CEP) for a time-dependent energy ``f(x_t, t, cond) -> [B]``.
 
     The batch holds ``G`` groups of ``M`` samples (``x1`` of one group share the condition); all
@@ -228,7 +259,7 @@ class ContrastiveEnergyLoss:
     prepare = FlowMatchingLoss.prepare
 
     def __call__(self, energy_net: Callable[..., Tensor], batch: dict[str, Any],
-                 generator: Optional[torch.Generator] = None) -> LossOutput:
+                 generator: Optional[torch.Generator] = None, *, target: Any = None) -> LossOutput:
         x1, m = batch["x1"], self.group_size
         energies = batch["energy"] if "energy" in batch else self.energy(x1, batch.get("cond"))
         w = energy_weights(energies.detach(), self.beta, m).weights.view(-1, m)

@@ -179,8 +179,9 @@ class Trainer:
 
     Args:
         model: the network ``net(x, t, cond)`` (or any module the objective calls).
-        objective: ``objective(net, batch) -> LossOutput``; if it has ``prepare(batch, generator)``
-            the trainer calls it on the global batch to draw noise and times.
+        objective: an :class:`~energyflow.losses.Objective`: the trainer calls its ``prepare`` on the
+            global batch (noise, times), checks its ``group_size`` against each rank's slice, and
+            passes the EMA network as ``target=`` when it declares ``uses_target``.
         data: a batch source (``sample(batch_size, generator) -> dict``).
         config: a :class:`TrainerConfig` (or a dict of its fields).
         out_dir: where checkpoints and logs go (``None``: nothing is written).
@@ -200,7 +201,12 @@ class Trainer:
         self.dist: DistInfo = init_distributed(self.device)
         if c.batch_size % self.dist.world_size:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the world size {self.dist.world_size}")
-        group = getattr(objective, "group_size", None) or 1
+        from .losses import Objective
+
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an energyflow.losses.Objective (declaring group_size, uses_target and "
+                            f"prepare), got {type(objective).__name__}")
+        group = objective.group_size or 1
         if (c.batch_size // self.dist.world_size) % group:
             raise ValueError(f"each rank's batch ({c.batch_size // self.dist.world_size}) must hold whole groups of {group}")
         self.model = model.to(self.device)
@@ -358,12 +364,13 @@ class Trainer:
         """One optimisation step on the next global batch; returns this rank's metrics."""
         c = self.config
         batch = self.data.sample(c.batch_size, self.data_generator)
-        prepare = getattr(self.objective, "prepare", None)
-        if prepare is not None:
-            batch = prepare(batch, self.noise_generator)
+        batch = self.objective.prepare(batch, self.noise_generator)
         local = self._local_slice(batch)
         self.train_model.train()
-        out = self.objective(self.train_model, local)
+        if self.objective.uses_target:
+            out = self.objective(self.train_model, local, target=self.ema_module)
+        else:
+            out = self.objective(self.train_model, local)
         if not torch.isfinite(out.loss.detach()):
             raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step}; metrics {out.metrics}")
         self.optimizer.zero_grad(set_to_none=True)

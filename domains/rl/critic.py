@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from energyflow.losses import LossOutput
+from energyflow.losses import LossOutput, Objective
 
 __all__ = ["TwinQ", "InSupportCriticLoss"]
 
@@ -54,25 +54,28 @@ class TwinQ(nn.Module):
         return self.min_q(obs.repeat_interleave(m, dim=0), actions.reshape(b * m, a)).view(b, m)
 
 
-class InSupportCriticLoss:
+class InSupportCriticLoss(Objective):
     """Objective for the trainer: batch keys ``obs`` [B,o] (normalised), ``x1`` (actions, clipped),
     ``reward`` [B], ``next_obs`` [B,o], ``terminal`` [B], ``support`` [B,M,a] (clipped actions of μ at
-    s′).  ``target`` must be set to the Polyak target (the trainer's EMA model) before training.
+    s′).  It declares ``uses_target``: the trainer passes its EMA model, the Polyak target, as
+    ``target=`` (the EMA decay is 1 − τ).
 
     Metrics: ``loss``, ``q_mean``, ``target_mean`` and ``support_q_spread`` (mean std of Q̄ over the
     support: with ``alpha`` it tells how close the target is to a hard max).
     """
 
+    uses_target = True
+
     def __init__(self, gamma: float = 0.99, alpha: float = 0.1):
         self.gamma, self.alpha = float(gamma), float(alpha)
-        self.target: Optional[nn.Module] = None
 
-    def __call__(self, critic: nn.Module, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> LossOutput:
-        if self.target is None:
-            raise RuntimeError("InSupportCriticLoss.target is not set (use the trainer's EMA model)")
+    def __call__(self, critic: nn.Module, batch: dict[str, Any], generator: Optional[torch.Generator] = None, *,
+                 target: Optional[nn.Module] = None) -> LossOutput:
+        if target is None:
+            raise ValueError("InSupportCriticLoss needs target= (the trainer passes its EMA model)")
         obs, act, support = batch["obs"], batch["x1"], batch["support"]
         with torch.no_grad():
-            q_next = self.target.min_q_groups(batch["next_obs"], support)
+            q_next = target.min_q_groups(batch["next_obs"], support)
             w = torch.softmax(self.alpha * q_next, dim=1)
             v_next = (w * q_next).sum(1)
             y = batch["reward"] + self.gamma * (1.0 - batch["terminal"]) * v_next

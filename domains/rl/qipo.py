@@ -367,7 +367,6 @@ class QIPO:
             objective = InSupportCriticLoss(self.cfg.gamma, self.cfg.alpha)
             trainer = Trainer(critic, objective, source, self._trainer_config(self.cfg.critic, grad_clip=None),
                               out_dir=out_dir, name="critic")
-            objective.target = trainer.ema_module
             result = trainer.fit()
             atomic_torch_save(critic.state_dict(), os.path.join(out_dir, "critic.pt"))
             rtg = d.returns_to_go(self.cfg.gamma)[idx].mean()
