@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .models import register_model
 
-__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet", "PointwiseField"]
+__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet", "PointwiseField", "MLPEnsemble"]
 
 
 class TimeEmbedding(nn.Module):
@@ -118,3 +118,30 @@ class PointwiseField(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Optional[object] = None) -> Tensor:
         b, n = x.shape[0], x.shape[1]
         return self.field(x.reshape(b * n, -1), t.repeat_interleave(n)).reshape(x.shape)
+
+
+@register_model("energyflow.MLPEnsemble")
+class MLPEnsemble(nn.Module):
+    """``members`` independent MLPs on the same input: ``x: [B, in_dim] -> [B, members, out_dim]``
+    (``[B, members]`` when ``out_dim`` is 1).  Each member is ``depth`` × (Linear → LayerNorm →
+    ReLU) then Linear; members are built one after the other, so a seeded ensemble equals the same
+    members built separately.  Twin critics (``members=2``) and value ensembles use it.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, depth: int = 2, members: int = 2, out_dim: int = 1):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+        def member() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            d = in_dim
+            for _ in range(depth):
+                layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.ReLU()]
+                d = hidden
+            return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+        self.members = nn.ModuleList(member() for _ in range(members))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.stack([m(x) for m in self.members], dim=1)
+        return out.squeeze(-1) if self.out_dim == 1 else out
