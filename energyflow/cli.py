@@ -277,13 +277,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
             x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
         except (TypeError, NotImplementedError) as err:
             raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}: {err}") from err
+    from .experiment import SampleRecord
+
+    record = x if isinstance(x, SampleRecord) else SampleRecord(x=x)
+    x = record.x
     if out.endswith(".npy"):
         import numpy as np
 
+        if record.mask is not None:
+            raise InputError("variable-size samples (with a mask) are saved as .pt, not .npy")
         with atomic_open(out, "wb") as f:
             np.save(f, x.numpy())
     else:
-        atomic_torch_save(x, out)
+        atomic_torch_save(record.to_file_object(), out)
     if x.dim() == 2 and x.shape[1] == 2:
         _scatter(x, os.path.splitext(out)[0] + ".png", title=args.model or "samples")
     print(f"wrote {tuple(x.shape)} samples to {out}")

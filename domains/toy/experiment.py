@@ -49,7 +49,7 @@ from torch import Tensor
 from energyflow.data import FunctionBatchSource
 from energyflow.energies import Energy
 from energyflow.errors import InputError
-from energyflow.experiment import Experiment, load_model_state, save_model, write_json
+from energyflow.experiment import Experiment, SampleRecord, fit_and_save, load_model_state, write_json
 from energyflow.files import atomic_open
 from energyflow.guidance import CEPGuidedPredictor, EnergyGuidedPredictor
 from energyflow.losses import ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss
@@ -59,8 +59,9 @@ from energyflow.paths import build_path
 from energyflow.predictor import Predictor
 from energyflow.runtime import init_distributed, is_main_process, resolve_device
 from energyflow.samplers import build_sampler
+from energyflow.sampling import initial_noise, sampler_from_config
 from energyflow.stages import Stage, config_key
-from energyflow.trainer import Trainer, TrainerConfig
+from energyflow.trainer import TrainerConfig
 
 from .datasets import TOY_DATASETS, sample_toy
 from .energies import SineEnergy
@@ -347,13 +348,10 @@ class ToyExperiment(Experiment):
         else:
             objective = EnergyWeightedLoss(path, beta, self.energy) if spec["kind"] == "efm" else FlowMatchingLoss(path)
             config = self._trainer_configs[spec["path"]]
-        trainer = Trainer(net, objective, self._data(), config, out_dir=os.path.join(folder, "train"), name="train")
-        result = trainer.fit()
-        summary = {"steps": result.step, "train_seconds": round(result.seconds, 2), "final_metrics": result.metrics}
-        if main:
-            meta = {"kind": spec["kind"], "path": spec["path"], "beta": beta,
-                    "stage": os.path.basename(stage.folder), **summary}
-            save_model(trainer.ema_module, folder, name, meta, path=None if spec["kind"] == "cep" else spec["path"])
+        meta = {"kind": spec["kind"], "path": spec["path"], "beta": beta, "stage": os.path.basename(stage.folder)}
+        summary = fit_and_save(net, objective, self._data(), config, os.path.join(folder, "train"),
+                               os.path.join(folder, "models", f"{name}.pt"),
+                               path=None if spec["kind"] == "cep" else spec["path"], meta=meta)
         return summary
 
     def _run_stage(self, name: str, stage: Stage) -> tuple[dict[str, Any], bool]:
@@ -435,11 +433,11 @@ class ToyExperiment(Experiment):
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
         predictor = self.predictor(run_dir, method, beta, device)
         if method in ("guidance", "cep"):
-            smp = build_sampler("euler", self.guidance_steps)
+            smp = sampler_from_config({"name": "euler", "steps": self.guidance_steps})
         else:
-            cfg = self._sampler_config(sampler, "sampler", base=self.sampler_cfg) if sampler else dict(self.sampler_cfg)
-            smp = build_sampler(cfg.pop("name"), **cfg)
-        x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed)).to(device)
+            smp = sampler_from_config(self._sampler_config(sampler, "sampler", base=self.sampler_cfg) if sampler
+                                      else self.sampler_cfg)
+        x0 = initial_noise(n, (2,), seed=seed, device=device)
         return smp.sample(predictor, x0).x.cpu()
 
     # -- the Experiment interface ------------------------------------------------------------------
@@ -534,7 +532,7 @@ class ToyExperiment(Experiment):
         return results
 
     def sample(self, run_dir: str, num_samples: int, model: Optional[str] = None,
-               sampler: Optional[dict[str, Any]] = None, seed: int = 0) -> Tensor:
+               sampler: Optional[dict[str, Any]] = None, seed: int = 0) -> SampleRecord:
         """``model`` is ``<method>_beta<β>`` (e.g. ``efm_ot_beta10``) or ``fm_ot``."""
         if model is None:
             model = f"efm_{self.paths[0]}_{_beta_tag(self.betas[-1])}" if self.paths else "fm_ot"
@@ -545,4 +543,5 @@ class ToyExperiment(Experiment):
             beta = _real(float(m["beta"]), "model's beta", low=0.0) if m["beta"] else 0.0
         except ValueError:
             raise InputError(f"model {model!r}: cannot read β from {m['beta']!r}") from None
-        return self._sample_method(run_dir, m["method"], beta, num_samples, seed, sampler)
+        x = self._sample_method(run_dir, m["method"], beta, num_samples, seed, sampler)
+        return SampleRecord(x=x, meta={"model": model, "seed": seed, "sampler": sampler})
