@@ -136,8 +136,8 @@ def test_changing_the_number_of_rounds_reads_a_prefix_or_continues(tmp_path):
     QIPO(data, tiny_config(rounds=2), str(short_dir), device="cpu", progress=False).run_rounds()
     more = QIPO(data, tiny_config(rounds=3), str(short_dir), device="cpu", progress=False)
     more.run_rounds()
-    a = torch.load(more.rounds_stage.file("round3/policy.pt"))
-    b = torch.load(round3)
+    a = torch.load(more.rounds_stage.file("round3/policy.pt"))["state_dict"]  # self-describing model files
+    b = torch.load(round3)["state_dict"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -335,9 +335,33 @@ def test_a_crafted_pickle_in_a_policy_file_is_refused_and_runs_nothing(trained_c
 
 def test_a_state_dict_of_another_network_is_refused(trained_cache, tmp_path):
     q = fresh_copy(trained_cache, tmp_path)
-    torch.save({"weight": torch.zeros(3)}, q.critic_stage.file("critic.pt"))
-    with pytest.raises(CorruptFileError, match="does not fit"):
+    critic = q.critic_stage.file("critic.pt")
+    good = open(critic, "rb").read()
+    # the model file of another network: the policy's record where the critic's should be
+    shutil.copyfile(q.behaviour_stage.file("policy.pt"), critic)
+    with pytest.raises(CorruptFileError, match="does not fit") as err:
         q.critic()
+    assert critic in str(err.value) and "energyflow.MLPField" in str(err.value) and "\n" not in str(err.value)
+    # a critic record of other sizes
+    from domains.rl.critic import TwinQ
+
+    torch.save(TwinQ(3, 2, hidden=16, depth=2).to_record(), critic)
+    with pytest.raises(CorruptFileError, match="does not fit.*hidden=16") as err:
+        q.critic()
+    # a plain state dict (no record): not a model file
+    torch.save({"weight": torch.zeros(3)}, critic)
+    with pytest.raises(CorruptFileError, match="not a self-describing model file") as err:
+        q.critic()
+    assert critic in str(err.value) and "delete" in str(err.value)
+    open(critic, "wb").write(good)
+    # a policy record of another path (vp where the cache holds ot) or without its normalisation
+    for edit, why in ((lambda r: r.update(path={"name": "vp"}), "path"),
+                      (lambda r: r["meta"].pop("obs_mean"), "obs_mean")):
+        bad = torch.load(q.behaviour_stage.file("policy.pt"))
+        edit(bad)
+        torch.save(bad, q.rounds_stage.file("round1/policy.pt"))
+        with pytest.raises(CorruptFileError, match=f"does not fit.*{why}"):
+            q.run_rounds()
 
 
 WORKER = r'''

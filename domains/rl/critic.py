@@ -13,35 +13,36 @@ bootstrap: only true terminals do.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from energyflow.losses import LossOutput, Objective
+from energyflow.models import model_record
+from energyflow.nets import MLPEnsemble
+
+from .policy import check_record
 
 __all__ = ["TwinQ", "InSupportCriticLoss"]
 
 
-def _mlp(inp: int, hidden: int, depth: int) -> nn.Sequential:
-    layers, d = [], inp
-    for _ in range(depth):
-        layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.ReLU()]
-        d = hidden
-    return nn.Sequential(*layers, nn.Linear(d, 1))
-
-
 class TwinQ(nn.Module):
-    """Two Q networks on (normalised state, action); ``forward`` returns both ``[B]`` tensors."""
+    """Two Q networks on (normalised state, action); ``forward`` returns both ``[B]`` tensors.
+
+    The network is the core's :class:`energyflow.nets.MLPEnsemble` with two members (``self.body``),
+    so a saved critic (:meth:`to_record`) is rebuilt by :func:`energyflow.models.load_model` with no
+    RL code: ``body(concat(normalised obs, action))`` is ``[B, 2]``, columns Q1 and Q2.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 2):
         super().__init__()
-        self.q1 = _mlp(obs_dim + act_dim, hidden, depth)
-        self.q2 = _mlp(obs_dim + act_dim, hidden, depth)
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.body = MLPEnsemble(obs_dim + act_dim, hidden, depth, members=2)
 
     def forward(self, obs: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([obs, act], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        q = self.body(torch.cat([obs, act], dim=-1))
+        return q[:, 0], q[:, 1]
 
     def min_q(self, obs: Tensor, act: Tensor) -> Tensor:
         """min(Q1, Q2) ``[B]``."""
@@ -52,6 +53,30 @@ class TwinQ(nn.Module):
         """min(Q1, Q2) ``[B, M]`` of M actions per state: ``obs`` [B, o], ``actions`` [B, M, a]."""
         b, m, a = actions.shape
         return self.min_q(obs.repeat_interleave(m, dim=0), actions.reshape(b * m, a)).view(b, m)
+
+    def to_record(self, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The self-describing model record of ``self.body`` (:func:`energyflow.models.model_record`).
+
+        ``meta`` is merged into the record's meta; the critic's trainer passes the observation
+        normalisation (``obs_mean``, ``obs_std``) that its inputs were made with."""
+        info = {"role": "twin critic", "input": "concat(normalised observation, action)",
+                "output": "[B, 2]: Q1 and Q2 (the critic's value is their minimum)",
+                "obs_dim": self.obs_dim, "act_dim": self.act_dim, **(meta or {})}
+        return model_record(self.body, meta=info)
+
+    def load_record(self, record: Mapping[str, Any]) -> None:
+        """Load the weights of a record written by :meth:`to_record`.
+
+        Raises:
+            ValueError: the record holds another network (another class, other constructor
+                arguments, or observation / action sizes that differ from this critic's).
+        """
+        check_record(record, self.body)
+        meta = record.get("meta") or {}
+        for name in ("obs_dim", "act_dim"):
+            if name in meta and meta[name] != getattr(self, name):
+                raise ValueError(f"it is a critic with {name}={meta[name]}, this one has {getattr(self, name)}")
+        self.body.load_state_dict(record["state_dict"])
 
 
 class InSupportCriticLoss(Objective):

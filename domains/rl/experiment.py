@@ -196,8 +196,10 @@ class OfflineRLExperiment(Experiment):
     def run_seed(self, data, key: str, seed: int, run_dir: str, cache_dir: str,
                  fingerprints: Optional[dict] = None) -> list[dict]:
         """Train (or read from the cache) and evaluate one seed; writes ``seed<k>/`` of the run directory:
-        ``evals.jsonl``, ``summary.json`` and the final weights (``policy.pt``, and for QGPO
-        ``qgpo_energy.pt``), so the run directory evaluates on its own, without the cache."""
+        ``evals.jsonl``, ``summary.json`` and the final networks (``policy.pt``, and for QGPO
+        ``qgpo_energy.pt``), so the run directory evaluates on its own, without the cache.  Both are
+        self-describing model files (:func:`~domains.rl.policy.save_weights`): copies of the cached
+        stage files, which :func:`energyflow.models.load_model` rebuilds without this package."""
         seed_dir = os.path.join(run_dir, f"seed{seed}")
         os.makedirs(seed_dir, exist_ok=True)
         qipo = self._qipo(data, seed, cache_dir, fingerprints)

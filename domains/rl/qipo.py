@@ -34,10 +34,10 @@ from energyflow.trainer import Trainer, TrainerConfig
 
 from .critic import InSupportCriticLoss, TwinQ
 from .datasets import Transitions
-from .policy import GenerativePolicy, load_weights
+from .policy import GenerativePolicy, load_weights, save_weights
 
 __all__ = ["QIPOConfig", "QIPO", "standardize_within_groups", "transitions_fingerprint", "make_policy",
-           "make_energy_net", "guided_predictor"]
+           "make_energy_net", "energy_meta", "guided_predictor"]
 
 TRANSITION_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "episode_ids")
 """The arrays of :class:`~domains.rl.datasets.Transitions` whose contents key the stages."""
@@ -213,6 +213,17 @@ def make_energy_net(cfg: QIPOConfig, obs_dim: int, act_dim: int) -> MLPEnergyNet
     return MLPEnergyNet(act_dim, hidden=cfg.qgpo.get("hidden", 128), depth=cfg.qgpo.get("depth", 3), cond_dim=obs_dim)
 
 
+def energy_meta(obs_mean: Tensor, obs_std: Tensor, behaviour_path: Any) -> dict[str, Any]:
+    """What a saved QGPO energy network needs to be used without this module: f(a_t, t, s) of noisy
+    actions ``a_t`` at time ``t`` on the behaviour policy's path, conditioned on the state normalised
+    by ``obs_mean`` / ``obs_std``; its gradient in ``a_t`` guides the behaviour policy."""
+    spec = behaviour_path.spec() if hasattr(behaviour_path, "spec") else behaviour_path
+    return {"role": "QGPO intermediate energy", "x": "noisy action a_t on the behaviour policy's path",
+            "cond": "observation normalised by obs_mean/obs_std", "behaviour_path": spec,
+            "guidance": "scale * grad_a f(a_t, t, s) added to the behaviour policy's field (CEP guidance)",
+            "obs_mean": obs_mean.detach().clone(), "obs_std": obs_std.detach().clone()}
+
+
 def guided_predictor(behaviour: GenerativePolicy, energy_net: nn.Module, cfg: QIPOConfig) -> CEPGuidedPredictor:
     """QGPO's sampler model: μ guided by ∇f at scale ``cfg.qgpo["scale"]``."""
     return CEPGuidedPredictor(behaviour.predictor(), energy_net.eval(), scale=float(cfg.qgpo.get("scale", 1.0)))
@@ -336,7 +347,7 @@ class QIPO:
                               out_dir=out_dir, name="behaviour")
             result = trainer.fit()
             policy.load_state_dict(trainer.ema_module.state_dict())
-            atomic_torch_save(policy.state_dict(), os.path.join(out_dir, "policy.pt"))
+            save_weights(policy, os.path.join(out_dir, "policy.pt"), {"qipo_round": 0})  # μ is round 0
             return {"final": result.metrics}
 
         self.behaviour_stage.run(train)
@@ -368,7 +379,7 @@ class QIPO:
             trainer = Trainer(critic, objective, source, self._trainer_config(self.cfg.critic, grad_clip=None),
                               out_dir=out_dir, name="critic")
             result = trainer.fit()
-            atomic_torch_save(critic.state_dict(), os.path.join(out_dir, "critic.pt"))
+            save_weights(critic, os.path.join(out_dir, "critic.pt"), {"obs_mean": self.obs_mean, "obs_std": self.obs_std})
             rtg = d.returns_to_go(self.cfg.gamma)[idx].mean()
             return {"final": result.metrics, "dataset_return_to_go_mean": float(rtg)}
 
@@ -412,7 +423,8 @@ class QIPO:
         Returns the records of rounds ``0..rounds``: when the cache holds a longer run, its prefix
         (the policy of round ``rounds`` is the result); when it holds a shorter one, it is continued.
 
-        Round ``r``'s weights are saved (atomically) as ``round<r>/policy.pt`` *before* its record is
+        Round ``r``'s policy is saved (atomically, a self-describing model file, see
+        :func:`~domains.rl.policy.save_weights`) as ``round<r>/policy.pt`` *before* its record is
         appended, so a run killed anywhere resumes from the last recorded round.  The stage's lock is
         held while the chain is read and extended: runs sharing a cache never train a round twice
         (a second run waits, then reads the first one's rounds)."""
@@ -444,7 +456,7 @@ class QIPO:
                                                        seed=self.cfg.seed + r, resume=False),
                                   out_dir=round_dir, name="qipo")
                 result = trainer.fit()
-                atomic_torch_save(policy.state_dict(), os.path.join(round_dir, "policy.pt"))
+                save_weights(policy, os.path.join(round_dir, "policy.pt"), {"qipo_round": r})
                 record = {"round": r, "q_support_mean": float(batch["q"].mean()),
                           "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss"),
                           "train_seconds": round(time.perf_counter() - start, 2)}
@@ -487,7 +499,7 @@ class QIPO:
             trainer = Trainer(net, objective, source, self._trainer_config(settings), out_dir=out_dir, name="qgpo")
             result = trainer.fit()
             net.load_state_dict(trainer.ema_module.state_dict())
-            atomic_torch_save(net.state_dict(), os.path.join(out_dir, "energy.pt"))
+            save_weights(net, os.path.join(out_dir, "energy.pt"), energy_meta(self.obs_mean, self.obs_std, mu.path))
             return {"final": result.metrics}
 
         self.qgpo_stage.run(train)
