@@ -38,8 +38,15 @@ def available_cpus() -> int:
 
 
 def auto_threads() -> int:
-    """The ``num_threads: auto`` count: this process's CPUs shared among the data-parallel
-    processes of this machine (``LOCAL_WORLD_SIZE`` under torchrun), at least 1."""
+    """The ``num_threads: auto`` count.
+
+    ``OMP_NUM_THREADS``, when set, is the user's pin and wins.  Otherwise: the CPUs this process
+    may use, shared among the data-parallel processes of this machine (``LOCAL_WORLD_SIZE`` under
+    torchrun), at least 1.
+    """
+    pinned = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if pinned.isdigit() and int(pinned) > 0:
+        return int(pinned)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)) or 1)
     return max(1, available_cpus() // max(local, 1))
 
