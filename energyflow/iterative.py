@@ -49,7 +49,10 @@ from .files import append_jsonl, atomic_torch_save, load_torch, read_jsonl
 from .losses import EnergyWeightedLoss
 from .paths import Path, Prediction
 from .predictor import Predictor
-from .samplers import Sampler, build_sampler
+from .models import MODEL_FORMAT, save_model_file
+from .priors import Prior
+from .samplers import Sampler
+from .sampling import initial_noise, sampler_from_config
 from .trainer import Trainer, TrainerConfig
 from .weights import energy_weights
 
@@ -186,18 +189,19 @@ def choose_delta_beta(energies: Tensor, max_delta: float, min_ess_fraction: floa
 def draw_samples(net: nn.Module, path: Path, num_samples: int, event_shape: Sequence[int],
                  sampler: Sampler, generator: torch.Generator, cond: Any = None,
                  prediction: Optional[Prediction] = None, chunk: int = 65536,
-                 device: Optional[torch.device] = None) -> Tensor:
+                 device: Optional[torch.device] = None, prior: Optional[Prior] = None) -> Tensor:
     """``[num_samples, *event_shape]`` samples of ``net`` on ``path``, on the CPU.
 
-    The noise is drawn from the CPU ``generator`` in one call (so the samples do not depend on
-    ``chunk``), then integrated in chunks of ``chunk`` on ``device`` (default: the net's).
+    The noise is drawn from ``prior`` (default N(0, I)) with the CPU ``generator`` in one call
+    (:func:`energyflow.sampling.initial_noise`, so the samples do not depend on ``chunk``), then
+    integrated in chunks of ``chunk`` on ``device`` (default: the net's).
     ``cond``, if given, has first dimension ``num_samples`` and is sliced with the chunks.
     """
     device = device or next(net.parameters()).device
     was_training = net.training
     net.eval()
     predictor = Predictor(net, path, prediction)
-    x0 = torch.randn((int(num_samples), *event_shape), generator=generator)
+    x0 = initial_noise(int(num_samples), event_shape, prior=prior, generator=generator)
     out = []
     for i in range(0, x0.shape[0], chunk):
         c = None if cond is None else cond[i:i + chunk].to(device)
@@ -218,8 +222,15 @@ def _energies(energy: Energy, x: Tensor, cond: Any, chunk: int, device: torch.de
 def _build_sampler(sampler: Union[Sampler, dict, None]) -> Sampler:
     if isinstance(sampler, Sampler):
         return sampler
-    cfg = {"name": "heun", "steps": 50, **(sampler or {})}
-    return build_sampler(cfg.pop("name"), **cfg)
+    return sampler_from_config({"name": "heun", "steps": 50}, sampler)
+
+
+def _save_round_model(net: nn.Module, path: Path, prediction: Optional[Prediction], meta: dict, file: str) -> None:
+    """A round's model: a self-describing model file when the network's class is registered, else its weights."""
+    if hasattr(net, "registered_name"):
+        save_model_file(file, net, path=path, prediction=prediction, meta=meta)
+    else:
+        atomic_torch_save(net.state_dict(), file)
 
 
 def _round_cond(cond: CondLike, k: int, generator: torch.Generator) -> Optional[Tensor]:
@@ -248,6 +259,7 @@ def iterative_tilt(
     out_dir: Optional[str] = None,
     chunk: int = 65536,
     callback: Optional[Callable[[nn.Module, RoundRecord], dict]] = None,
+    prior: Optional[Prior] = None,
 ) -> IterativeResult:
     """Tilt a trained model along a β schedule by iterative EFM (see the module docstring).
 
@@ -289,6 +301,8 @@ def iterative_tilt(
         chunk: samples per sampler / energy call.
         callback: ``callback(model_k, record) -> dict`` after each round (e.g. a distance to an
             exact target); its floats go to ``record.metrics``.
+        prior: the noise distribution ``net`` was trained from (default N(0, I)): the rounds'
+            samples and fits use it too.
 
     Returns:
         :class:`IterativeResult` with the final model (eval mode, on the net's device) and the
@@ -328,7 +342,7 @@ def iterative_tilt(
         if records:
             state = load_torch(os.path.join(out_dir, f"round{records[-1].round}", "model.pt"), what="round model",
                                map_location=device)
-            current.load_state_dict(state)
+            current.load_state_dict(state["state_dict"] if state.get("format") == MODEL_FORMAT else state)
 
     beta = records[-1].beta if records else float(beta_start)
     k = len(records)
@@ -354,7 +368,7 @@ def iterative_tilt(
             c = c.repeat_interleave(group_size, dim=0)
         elif c is not None and c.shape[0] != num_samples:
             raise ValueError(f"cond has {c.shape[0]} rows, expected num_samples={num_samples}")
-        x = draw_samples(current, path, num_samples, event_shape, smp, g, c, prediction, chunk, device)
+        x = draw_samples(current, path, num_samples, event_shape, smp, g, c, prediction, chunk, device, prior)
         e = _energies(energy, x, c, chunk, device)
         if energy_transform is not None:
             e = energy_transform(e).to(torch.float64)
@@ -385,7 +399,7 @@ def iterative_tilt(
         if group_size is not None:
             tensors = {key: v.reshape(-1, group_size, *v.shape[1:]) for key, v in tensors.items()}
         source = TensorBatchSource(tensors, group_size=group_size)
-        objective = EnergyWeightedLoss(path, delta, prediction=prediction, group_size=group_size)
+        objective = EnergyWeightedLoss(path, delta, prediction=prediction, group_size=group_size, prior=prior)
         model = copy.deepcopy(current).train()
         round_dir = os.path.join(out_dir, f"round{k}") if out_dir else None
         fit = Trainer(model, objective, source, {**asdict(cfg), "seed": cfg.seed + k}, out_dir=round_dir,
@@ -398,7 +412,7 @@ def iterative_tilt(
         if callback is not None:
             record.metrics = {key: float(v) for key, v in (callback(current, record) or {}).items()}
         if out_dir:
-            atomic_torch_save(current.state_dict(), os.path.join(round_dir, "model.pt"))
+            _save_round_model(current, path, prediction, asdict(record), os.path.join(round_dir, "model.pt"))
             append_jsonl(log_path, asdict(record))
         records.append(record)
         beta = new_beta

@@ -27,6 +27,11 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.betas=[1,10]", "experiment.num_eval_samples=200", "experiment.eval_repeats=1",
         "experiment.pool_size=20000", "experiment.trainer.progress=false", "experiment.trainer.device=cpu",
     ],
+    "toy_iterative.yaml": [
+        "experiment.base_steps=5", "experiment.round_steps=3", "experiment.oneshot_steps=5",
+        "experiment.num_samples=2048", "experiment.num_eval_samples=200", "experiment.eval_repeats=1",
+        "experiment.schedule=[5,10]", "+experiment.plot=false",
+    ],
     "qipo_walker.yaml": TINY_QIPO,
     "qipo_hopper.yaml": [*TINY_QIPO, "dataset=energyflow/test-hopper-v0", "experiment.download=false"],
     "qipo_halfcheetah.yaml": [*TINY_QIPO, "dataset=energyflow/test-halfcheetah-v0", "experiment.download=false"],

@@ -30,15 +30,18 @@ import torch
 from torch import Tensor
 
 from energyflow.data import FunctionBatchSource
-from energyflow.experiment import Experiment, load_model_state, save_model, write_json
-from energyflow.files import read_jsonl
+from energyflow.errors import InputError
+from energyflow.experiment import Experiment, SampleRecord, fit_and_save, write_json
+from energyflow.files import read_jsonl, save_figure
+from energyflow.models import load_model, save_model_file
+from energyflow.sampling import sampler_from_config
+from energyflow.stages import Stage
 from energyflow.iterative import AdaptiveSchedule, draw_samples, iterative_tilt
 from energyflow.losses import EnergyWeightedLoss, FlowMatchingLoss
 from energyflow.metrics import energy_distance, energy_distance_floor
 from energyflow.nets import MLPField
 from energyflow.paths import CondOTPath
-from energyflow.samplers import build_sampler
-from energyflow.trainer import Trainer, TrainerConfig
+from energyflow.trainer import TrainerConfig
 from energyflow.weights import energy_weights
 
 from .datasets import GaussianMixture, eight_gaussians_mixture, sample_toy
@@ -95,13 +98,17 @@ class ToyIterativeExperiment(Experiment):
                  base_steps: int = 2000, round_steps: int = 1000, oneshot_steps: Optional[int] = None,
                  sampler: Optional[dict] = None, num_eval_samples: int = 2000, eval_repeats: int = 8,
                  seed: int = 0, plot: bool = True):
-        self.energy = LinearEnergy(direction)
+        try:
+            self.energy = LinearEnergy(direction)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"experiment.direction: {err}") from None
         if len(self.energy.direction) != 2:
-            raise ValueError(f"direction must have 2 entries, got {list(direction)}")
-        self.beta = float(beta)
-        self.schedule = None if schedule is None else [float(b) for b in schedule]
-        if self.schedule is not None and (not self.schedule or abs(self.schedule[-1] - self.beta) > 1e-12):
-            raise ValueError(f"schedule must end at beta={self.beta}, got {self.schedule}")
+            raise InputError(f"experiment.direction must have 2 entries, got {list(direction)}")
+        self.beta = _finite(beta, "experiment.beta", positive=True)
+        self.schedule = None if schedule is None else [_finite(b, "experiment.schedule", positive=True) for b in schedule]
+        if self.schedule is not None and (not self.schedule or abs(self.schedule[-1] - self.beta) > 1e-12
+                                          or any(b >= a for a, b in zip(self.schedule[1:], self.schedule[:-1]))):
+            raise InputError(f"experiment.schedule must increase and end at beta={self.beta}, got {self.schedule}")
         self.adaptive = {"min_ess_fraction": 0.5, "max_rounds": 20, **(adaptive or {})}
         self.num_samples = int(num_samples)
         self.net_cfg = {"hidden": 64, "depth": 3, **(net or {})}
@@ -115,6 +122,21 @@ class ToyIterativeExperiment(Experiment):
         self.num_eval_samples, self.eval_repeats = int(num_eval_samples), int(eval_repeats)
         self.seed, self.plot = int(seed), bool(plot)
         self.path = CondOTPath()
+        for key, value in (("num_samples", self.num_samples), ("base_steps", self.base_steps),
+                           ("round_steps", self.round_steps), ("num_eval_samples", self.num_eval_samples),
+                           ("eval_repeats", self.eval_repeats)):
+            if value < 1:
+                raise InputError(f"experiment.{key} must be a positive integer, got {value}")
+        if self.oneshot_steps is not None and self.oneshot_steps < 1:
+            raise InputError(f"experiment.oneshot_steps must be a positive integer or null, got {self.oneshot_steps}")
+        # every trainer setting checked now, not after the first stage trained
+        TrainerConfig.from_dict({**self.trainer_cfg, "steps": 1}, where="experiment.trainer")
+        TrainerConfig.from_dict({**self.trainer_cfg, **self.base_trainer, "steps": 1}, where="experiment.base_trainer")
+        try:
+            sampler_from_config(self.sampler_cfg)
+            self._schedule()
+        except (TypeError, ValueError) as err:
+            raise InputError(f"experiment.sampler / adaptive: {err}") from None
 
     # -- building blocks ---------------------------------------------------------------------------
     def _config(self, steps: int, **extra: Any) -> TrainerConfig:
@@ -123,56 +145,81 @@ class ToyIterativeExperiment(Experiment):
     def _net(self) -> MLPField:
         return MLPField(2, **self.net_cfg)
 
-    def _load(self, run_dir: str, name: str) -> MLPField:
-        net = self._net()
-        net.load_state_dict(load_model_state(run_dir, name)["state_dict"])
-        return net.eval()
+    def _stages(self, run_dir: str) -> dict[str, Stage]:
+        """One cached stage per model, keyed by every input that changes it."""
+        root = os.path.join(run_dir, "stages")
+        data = {"dataset": "8gaussians", "net": self.net_cfg, "seed": self.seed}
+        base_cfg = {**self.trainer_cfg, **self.base_trainer}
+        result_fields = lambda cfg, steps: TrainerConfig.from_dict({**cfg, "steps": steps}).result_fields()
+        base = Stage("base", {**data, "trainer": result_fields(base_cfg, self.base_steps)}, root)
+        iterative = Stage("iterative", {"energy": repr(self.energy), "schedule": self.schedule,
+                                        "adaptive": self.adaptive if self.schedule is None else None,
+                                        "num_samples": self.num_samples, "sampler": self.sampler_cfg,
+                                        "trainer": result_fields(self.trainer_cfg, self.round_steps)},
+                          root, upstream=[base])
+        return {"base": base, "iterative": iterative}
+
+    def _oneshot_stage(self, run_dir: str, steps: int) -> Stage:
+        base_cfg = {**self.trainer_cfg, **self.base_trainer, "steps": steps}
+        return Stage("oneshot", {"dataset": "8gaussians", "net": self.net_cfg, "seed": self.seed,
+                                 "energy": repr(self.energy), "beta": self.beta,
+                                 "trainer": TrainerConfig.from_dict(base_cfg).result_fields()},
+                     os.path.join(run_dir, "stages"))
+
+    def _load(self, run_dir: str, name: str) -> torch.nn.Module:
+        stages = self._stages(run_dir)
+        stage = stages.get(name) or self._oneshot_stage(run_dir, self._oneshot_steps(run_dir))
+        if not stage.done:
+            raise InputError(f"model {name!r} of this run's config is not trained (stage {stage.folder}); run "
+                             f"'energyflow run <recipe> --run-dir {run_dir}' first")
+        return load_model(stage.file("model.pt")).net
+
+    def _oneshot_steps(self, run_dir: str) -> int:
+        if self.oneshot_steps:
+            return self.oneshot_steps
+        rounds = read_jsonl(os.path.join(self._stages(run_dir)["iterative"].folder, "rounds.jsonl"), what="rounds log")
+        return self.base_steps + self.round_steps * len(rounds)
 
     def _schedule(self):
         if self.schedule is not None:
             return self.schedule
         return AdaptiveSchedule(self.beta, **self.adaptive)
 
-    def _fit_on_data(self, run_dir: str, name: str, beta: float, steps: int) -> float:
-        if os.path.exists(os.path.join(run_dir, "models", f"{name}.pt")):
-            return 0.0
-        torch.manual_seed(self.seed)
-        net = self._net()
-        objective = EnergyWeightedLoss(self.path, beta, self.energy) if beta > 0 else FlowMatchingLoss(self.path)
-        data = FunctionBatchSource(lambda n, g: sample_toy("8gaussians", n, g))
-        trainer = Trainer(net, objective, data, self._config(steps, **self.base_trainer), out_dir=os.path.join(run_dir, "train", name))
-        result = trainer.fit()
-        save_model(trainer.ema_module, run_dir, name, {"beta": beta, "steps": steps, "final_metrics": result.metrics})
-        return result.seconds
+    def _fit_on_data(self, stage: Stage, beta: float, steps: int) -> dict[str, Any]:
+        def fit(folder: str) -> dict[str, Any]:
+            torch.manual_seed(self.seed)
+            objective = EnergyWeightedLoss(self.path, beta, self.energy) if beta > 0 else FlowMatchingLoss(self.path)
+            data = FunctionBatchSource(lambda n, g: sample_toy("8gaussians", n, g))
+            config = TrainerConfig.from_dict({"seed": self.seed, **self.trainer_cfg, **self.base_trainer, "steps": steps})
+            return fit_and_save(self._net(), objective, data, config, os.path.join(folder, "train"),
+                                os.path.join(folder, "model.pt"), path=self.path, meta={"beta": beta})
+
+        return stage.run(fit)
 
     # -- the Experiment interface ------------------------------------------------------------------
     def run(self, run_dir: str) -> dict[str, Any]:
         os.makedirs(run_dir, exist_ok=True)
-        seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
-        self._fit_on_data(run_dir, "base", 0.0, self.base_steps)
-        seconds["base"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        if not os.path.exists(os.path.join(run_dir, "models", "iterative.pt")):
+        stages = self._stages(run_dir)
+        seconds: dict[str, float] = {"base": self._fit_on_data(stages["base"], 0.0, self.base_steps)["seconds"]}
+
+        def tilt(folder: str) -> dict[str, Any]:
             result = iterative_tilt(self._load(run_dir, "base"), self.path, self.energy, self._schedule(),
                                     self.num_samples, (2,), trainer=self._config(self.round_steps),
-                                    sampler=self.sampler_cfg, seed=self.seed,
-                                    out_dir=os.path.join(run_dir, "iterative"))
-            save_model(result.net, run_dir, "iterative", {"betas": result.betas})
-        seconds["iterative"] = round(time.perf_counter() - t0, 1)
-        rounds = read_jsonl(os.path.join(run_dir, "iterative", "rounds.jsonl"), what="rounds log")
-        oneshot_steps = self.oneshot_steps or self.base_steps + self.round_steps * len(rounds)
-        t0 = time.perf_counter()
-        self._fit_on_data(run_dir, "oneshot", self.beta, oneshot_steps)
-        seconds["oneshot"] = round(time.perf_counter() - t0, 1)
+                                    sampler=self.sampler_cfg, seed=self.seed, out_dir=folder)
+            save_model_file(os.path.join(folder, "model.pt"), result.net, path=self.path,
+                            meta={"betas": result.betas})
+            return {"betas": result.betas}
+
+        seconds["iterative"] = stages["iterative"].run(tilt)["seconds"]
+        oneshot = self._oneshot_stage(run_dir, self._oneshot_steps(run_dir))
+        seconds["oneshot"] = self._fit_on_data(oneshot, self.beta, self._oneshot_steps(run_dir))["seconds"]
         results = self.evaluate(run_dir)
         results["stage_seconds"] = seconds
         write_json(results, os.path.join(run_dir, "results.json"))
         return results
 
     def _draw(self, net: torch.nn.Module, n: int, seed: int, sampler: Optional[dict] = None) -> Tensor:
-        cfg = {**self.sampler_cfg, **(sampler or {})}
-        smp = build_sampler(cfg.pop("name"), **cfg)
+        smp = sampler_from_config(self.sampler_cfg, sampler)
         return draw_samples(net, self.path, n, (2,), smp, torch.Generator().manual_seed(seed))
 
     def _score(self, samples: Tensor, beta: float, g: torch.Generator) -> dict[str, float]:
@@ -189,7 +236,7 @@ class ToyIterativeExperiment(Experiment):
         """Distance ratios of base, one-shot and every round's model; ESS per round; the figure."""
         n, reps = self.num_eval_samples, self.eval_repeats
         g = torch.Generator().manual_seed(self.seed + 1000)
-        rounds = read_jsonl(os.path.join(run_dir, "iterative", "rounds.jsonl"), what="rounds log")
+        rounds = read_jsonl(os.path.join(self._stages(run_dir)["iterative"].folder, "rounds.jsonl"), what="rounds log")
         results: dict[str, Any] = {
             "energy": repr(self.energy), "beta": self.beta, "num_samples": n, "repeats": reps,
             "data_ess_at_beta": data_batch_ess(self.energy, self.beta, int(self.trainer_cfg["batch_size"]),
@@ -201,9 +248,8 @@ class ToyIterativeExperiment(Experiment):
             results[name] = self._score(draws[name], self.beta, g)
         table = []
         for rec in rounds:
-            net = self._net()
-            net.load_state_dict(torch.load(os.path.join(run_dir, "iterative", f"round{rec['round']}", "model.pt"),
-                                           map_location="cpu", weights_only=True))
+            net = load_model(os.path.join(self._stages(run_dir)["iterative"].folder, f"round{rec['round']}",
+                                          "model.pt")).net
             x = draws["iterative"] if rec["round"] == rounds[-1]["round"] else self._draw(net, n * reps, self.seed + 1, sampler)
             score = self._score(x, rec["beta"], g) if rec["round"] != rounds[-1]["round"] else results["iterative"]
             table.append({"round": rec["round"], "beta": rec["beta"], "delta_beta": rec["delta_beta"],
@@ -240,11 +286,26 @@ class ToyIterativeExperiment(Experiment):
         fig.suptitle(f"8 gaussians, E = {self.energy!r}", fontsize=9)
         fig.tight_layout()
         out = os.path.join(run_dir, "iterative.png")
-        fig.savefig(out, dpi=90)
+        save_figure(fig, out, dpi=90)
         plt.close(fig)
         return out
 
     def sample(self, run_dir: str, num_samples: int, model: Optional[str] = None,
-               sampler: Optional[dict[str, Any]] = None, seed: int = 0) -> Tensor:
+               sampler: Optional[dict[str, Any]] = None, seed: int = 0) -> SampleRecord:
         """``model``: ``iterative`` (default), ``oneshot`` or ``base``."""
-        return self._draw(self._load(run_dir, model or "iterative"), num_samples, seed, sampler)
+        if model not in (None, "iterative", "oneshot", "base"):
+            raise InputError(f"model must be 'iterative', 'oneshot' or 'base', got {model!r}")
+        x = self._draw(self._load(run_dir, model or "iterative"), num_samples, seed, sampler)
+        return SampleRecord(x=x, meta={"model": model or "iterative", "seed": seed, "sampler": sampler})
+
+
+def _finite(value: Any, key: str, positive: bool = False) -> float:
+    import math
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise InputError(f"{key} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return v
