@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "energies": ["BlackBoxEnergy", "Energy", "FunctionEnergy", "NonFiniteEnergyError", "ScaledEnergy", "SumEnergy"],
     "guidance": ["CEPGuidedPredictor", "EnergyGuidedPredictor"],
-    "losses": ["ContrastiveEnergyLoss", "EnergyWeightedLoss", "FlowMatchingLoss", "LossOutput",
+    "losses": ["ContrastiveEnergyLoss", "EnergyWeightedLoss", "FlowMatchingLoss", "LossOutput", "Objective",
                "energy_weighted_diffusion", "energy_weighted_flow_matching"],
     "paths": ["CondOTPath", "Path", "PathSample", "VPPath", "build_path"],
     "predictor": ["Predictor"],
@@ -23,15 +23,22 @@ _EXPORTS = {
                  "SampleResult", "Sampler", "build_sampler"],
     "weights": ["EnergyWeights", "effective_sample_size", "energy_weights"],
     "trainer": ["Trainer", "TrainerConfig"],
-    "data": ["TensorBatchSource", "FunctionBatchSource"],
-    "nets": ["MLPField", "MLPEnergyNet"],
+    "data": ["TensorBatchSource", "FunctionBatchSource", "DatasetBatchSource"],
+    "nets": ["MLPField", "MLPEnergyNet", "PointwiseField", "MLPEnsemble"],
+    "priors": ["Prior", "GaussianPrior", "CenteredGaussianPrior"],
+    "sampling": ["initial_noise", "sampler_from_config"],
+    "models": ["load_model", "save_model_file", "register_model", "SavedModel"],
+    "stages": ["Stage", "fingerprint"],
+    "errors": ["InputError", "CorruptFileError", "UnsafeFileError"],
+    "iterative": ["iterative_tilt", "AdaptiveSchedule", "IterativeResult", "RoundRecord"],
+    "experiment": ["Experiment", "SampleRecord", "fit_and_save"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .energies import BlackBoxEnergy, Energy, FunctionEnergy, NonFiniteEnergyError, ScaledEnergy, SumEnergy
     from .guidance import CEPGuidedPredictor, EnergyGuidedPredictor
-    from .losses import (ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss, LossOutput,
+    from .losses import (ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss, LossOutput, Objective,
                          energy_weighted_diffusion, energy_weighted_flow_matching)
     from .paths import CondOTPath, Path, PathSample, VPPath, build_path
     from .predictor import Predictor
@@ -40,8 +47,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .weights import EnergyWeights, effective_sample_size, energy_weights
 
     from .trainer import Trainer, TrainerConfig
-    from .data import TensorBatchSource, FunctionBatchSource
-    from .nets import MLPField, MLPEnergyNet
+    from .data import TensorBatchSource, FunctionBatchSource, DatasetBatchSource
+    from .nets import MLPField, MLPEnergyNet, PointwiseField, MLPEnsemble
+    from .priors import Prior, GaussianPrior, CenteredGaussianPrior
+    from .sampling import initial_noise, sampler_from_config
+    from .models import load_model, save_model_file, register_model, SavedModel
+    from .stages import Stage, fingerprint
+    from .errors import InputError, CorruptFileError, UnsafeFileError
+    from .iterative import iterative_tilt, AdaptiveSchedule, IterativeResult, RoundRecord
+    from .experiment import Experiment, SampleRecord, fit_and_save
 
 
 def __getattr__(name: str) -> Any:

@@ -410,11 +410,14 @@ class Trainer:
         sums: dict[str, Any] = {}
         count, last, start = 0, {}, time.perf_counter()
         stop = _StopRequest()
+        in_step = False
         try:
             with stop.installed():
                 while self.step < c.steps:
                     t0 = time.perf_counter()
+                    in_step = True
                     metrics = self.train_step()
+                    in_step = False
                     metrics["step_seconds"] = time.perf_counter() - t0
                     for k, v in metrics.items():
                         sums[k] = sums[k] + v if k in sums else v
@@ -439,8 +442,12 @@ class Trainer:
                 if stop.signum is not None:  # asked to stop during the last step: the run is complete
                     raise KeyboardInterrupt(f"signal {stop.signum}")
         except KeyboardInterrupt:
+            if stop.signum is None and not in_step:
+                # raised at a step boundary (e.g. by an evaluation hook): the state is whole, save it
+                self.save_checkpoint()
+            saved = self.checkpoint_path and not in_step
             if self.dist.is_main:
-                where = "checkpoint saved" if stop.signum is not None and self.checkpoint_path else "no new checkpoint"
+                where = "checkpoint saved" if saved else "the last checkpoint stays"
                 print(f"\ninterrupted at step {self.step} ({where}); rerun to resume", file=sys.stderr)
             raise
         finally:
