@@ -164,14 +164,12 @@ def _has_outputs(run_dir: str) -> bool:
     return False
 
 
-def _run_point(cfg, run_dir: str, force: bool = False) -> dict[str, Any]:
-    """One run of a composed recipe into ``run_dir`` (one process)."""
+def _prepare_run_dir(cfg, run_dir: str, force: bool) -> None:
+    """Refuse a run directory holding another config's outputs; check it is writable; save config.yaml."""
     from omegaconf import OmegaConf
 
     from .files import check_writable, write_text
 
-    _apply_runtime(cfg)
-    experiment = build_experiment(cfg)
     saved = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved) and not force:
         _check_yaml(saved, "run config")
@@ -180,6 +178,13 @@ def _run_point(cfg, run_dir: str, force: bool = False) -> dict[str, Any]:
     check_writable(run_dir, "run directory")
     write_text(OmegaConf.to_yaml(cfg), saved)
     print(f"run directory: {run_dir}", file=sys.stderr)
+
+
+def _run_point(cfg, run_dir: str, force: bool = False) -> dict[str, Any]:
+    """One run of a composed recipe into ``run_dir`` (one process)."""
+    _apply_runtime(cfg)
+    experiment = build_experiment(cfg)
+    _prepare_run_dir(cfg, run_dir, force)
     return experiment.run(run_dir)
 
 
@@ -200,9 +205,6 @@ def cmd_multirun(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from .files import check_writable, write_text
     from .runtime import broadcast_object, init_distributed, is_main_process, resolve_device
 
     if args.multirun:
@@ -221,14 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if distributed:  # the time-stamped default may differ between ranks: rank 0's wins
         run_dir = broadcast_object(run_dir)
     if main:
-        saved = os.path.join(run_dir, "config.yaml")
-        if os.path.exists(saved) and not args.force:
-            _check_yaml(saved, "run config")
-            if OmegaConf.load(saved) != cfg and _has_outputs(run_dir):
-                raise RecipeError(f"{run_dir} holds a run with a different config; pick another --run-dir or pass --force")
-        check_writable(run_dir, "run directory")
-        write_text(OmegaConf.to_yaml(cfg), saved)
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        _prepare_run_dir(cfg, run_dir, args.force)
     results = experiment.run(run_dir)
     if main:
         print(json.dumps(results, indent=2, sort_keys=True, default=str))

@@ -21,6 +21,16 @@ class BatchSource(Protocol):
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]: ...
 
 
+def draw_item_indices(size: int, batch_size: int, group_size: Optional[int], generator: torch.Generator) -> Tensor:
+    """The items of one batch: ``batch_size / group_size`` indices uniform in ``[0, size)`` with
+    replacement, from ``generator`` (the one rule every batch source follows, so in-memory and
+    loader-backed sources give the same batches)."""
+    m = group_size or 1
+    if batch_size % m:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of group_size {m}")
+    return torch.randint(size, (batch_size // m,), generator=generator)
+
+
 class TensorBatchSource:
     """Uniform minibatches (with replacement) from in-memory tensors sharing their first dimension.
 
@@ -44,11 +54,8 @@ class TensorBatchSource:
         return self.size
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        m = self.group_size or 1
-        if batch_size % m:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of group_size {m}")
         device = next(iter(self.tensors.values())).device
-        idx = torch.randint(self.size, (batch_size // m,), generator=generator).to(device)
+        idx = draw_item_indices(self.size, batch_size, self.group_size, generator).to(device)
         out = {}
         for k, v in self.tensors.items():
             v = v[idx]
@@ -120,11 +127,8 @@ class DatasetBatchSource:
         return self.size
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        m = self.group_size or 1
-        if batch_size % m:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of group_size {m}")
-        items = batch_size // m
-        idx = torch.randint(self.size, (items,), generator=generator)
+        idx = draw_item_indices(self.size, batch_size, self.group_size, generator)
+        items = idx.shape[0]
         self._chunks.indices = idx.tolist()
         self._chunks.chunk = self._chunk or max(1, -(-items // max(self.num_workers, 1)))
         parts = [p if isinstance(p, dict) else {"x1": p} for p in self._loader]
