@@ -127,34 +127,39 @@ def test_draw_samples_any_shape_and_chunking():
     assert a.shape == (10, 2, 3, 3) and torch.allclose(a, b)
 
 
-# -- the acceptance check on 8 gaussians (reduced budget) ----------------------------------------------------------
+# -- the 8-gaussians check at a reduced budget ---------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, reason="at this reduced budget (113 s on one busy core) iterative EFM measured 32x the floor "
-                   "against one-shot's 50x: the base model's tails are not yet accurate enough; the 3x bound holds at the "
-                   "recipe's full budget (recipes/toy_iterative.yaml: 1.98x against 90.9x)")
 def test_iterative_reaches_a_tilt_one_shot_cannot():
-    """8 gaussians, E(x) = x_0 / 2, β = 10: one data batch of 1024 has ESS < 1 % at β = 10, one-shot EFM is far
-    from the exact (closed-form) target, iterative EFM from a flow-matching model of p is much closer."""
-    from domains.toy.datasets import sample_toy
-    from domains.toy.iterative import data_batch_ess, exact_linear_tilt
-    from domains.toy.energies import LinearEnergy
+    """8 gaussians, E(x) = x_0 / 2, β = 10: one data batch of 1024 has ESS < 1 % at β = 10, so one-shot EFM
+    stays far from the exact (closed-form) target; iterative EFM from a flow-matching model of p gets much
+    closer on the same budget (at least 3× closer, and within 15× the floor).
 
+    At this reduced budget (about 1.5 min on one core) the chain's accuracy is limited by the base model's
+    tails (the chain converges to model_0·exp(−βE)): measured 8.7× the floor against one-shot's 36.7×.
+    The 3× bound of the issue holds at the recipe's budget (recipes/toy_iterative.yaml: 1.98× against 90.9×),
+    not here; this test guards the gap between the two methods, not that bound.
+    """
+    from domains.toy.datasets import sample_toy
+    from domains.toy.energies import LinearEnergy
+    from domains.toy.iterative import data_batch_ess, exact_linear_tilt
+
+    torch.set_num_threads(1)
     energy, beta, path = LinearEnergy([0.5, 0.0]), 10.0, CondOTPath()
     assert data_batch_ess(energy, beta, 1024)["fraction"] < 0.01
     data = FunctionBatchSource(lambda n, g: sample_toy("8gaussians", n, g))
-    cfg = {"batch_size": 1024, "lr": 1e-3, "ema_decay": 0.99, "lr_schedule": "cosine", "device": "cpu",
-           "progress": False, "tensorboard": False}
+    cfg = {"lr_schedule": "cosine", "device": "cpu", "progress": False, "tensorboard": False}
+    base_cfg = {**cfg, "batch_size": 2048, "lr": 3e-3, "ema_decay": 0.995, "steps": BASE_STEPS}
 
     def fit(objective):  # the two models fitted on data get the same budget
         torch.manual_seed(0)
-        net = MLPField(2, hidden=128, depth=3)
-        trainer = Trainer(net, objective, data, {**cfg, "steps": BASE_STEPS, "lr": 2e-3, "ema_decay": 0.995})
+        trainer = Trainer(MLPField(2, hidden=64, depth=2), objective, data, base_cfg)
         trainer.fit()
         return trainer.ema_module.eval()
 
     base = fit(FlowMatchingLoss(path))
     oneshot = fit(EnergyWeightedLoss(path, beta, energy))
-    chain = iterative_tilt(base, path, energy, SCHEDULE, 10_000, (2,), trainer={**cfg, "steps": ROUND_STEPS})
+    chain = iterative_tilt(base, path, energy, SCHEDULE, ROUND_SAMPLES, (2,),
+                           trainer={**cfg, "batch_size": 1024, "lr": 1e-3, "ema_decay": 0.99, "steps": ROUND_STEPS})
 
     n, g = 1000, torch.Generator().manual_seed(7)
     q = exact_linear_tilt(energy.direction, beta)
@@ -166,9 +171,10 @@ def test_iterative_reaches_a_tilt_one_shot_cannot():
         return sum(energy_distance(xi, q.sample(n, g).float()) for xi in x.split(n)) / 4 / floor
 
     r_oneshot, r_iter = ratio(oneshot), ratio(chain.net)
-    assert all(r.ess_fraction > 0.1 for r in chain.records)
-    assert r_oneshot > 10, r_oneshot
-    assert r_iter < ITER_BOUND, (r_iter, r_oneshot)
+    print(f"iterative {r_iter:.2f}x the floor, one-shot {r_oneshot:.2f}x")
+    assert all(r.ess_fraction > 0.1 for r in chain.records)           # every round is a mild tilt
+    assert r_oneshot > 20, r_oneshot
+    assert r_iter < ITER_BOUND and r_iter < r_oneshot / 3, (r_iter, r_oneshot)
 
 
-BASE_STEPS, ROUND_STEPS, SCHEDULE, ITER_BOUND = 1500, 300, [1.0, 2.5, 5.0, 7.5, 10.0], 3.0
+BASE_STEPS, ROUND_STEPS, ROUND_SAMPLES, SCHEDULE, ITER_BOUND = 3000, 300, 8000, [2.5, 5.0, 7.5, 10.0], 15.0
