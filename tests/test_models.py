@@ -78,3 +78,58 @@ def test_the_core_imports_no_domain():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{os.path.relpath(file, ROOT)}: {n}" for n in names if n.split(".")[0] == "domains"]
     assert not offenders, offenders
+
+
+def test_every_toy_model_loads_without_the_domain(tmp_path):
+    """The toy's and the iterative experiment's model files rebuild with load_model in a process
+    that never imports ``domains`` and compute exactly what the experiment's own networks compute."""
+    import json
+
+    from energyflow.cli import build_experiment, compose_recipe, main
+
+    toy = ["experiment.betas=[3]", "experiment.paths=[ot,vp]", "experiment.baselines=[fm,cep]",
+           "experiment.trainer.steps=3", "experiment.path_trainer.vp.steps=3", "experiment.cep.steps=3",
+           "experiment.num_eval_samples=100", "experiment.eval_repeats=1", "experiment.pool_size=20000",
+           "experiment.trainer.progress=false", "device=cpu", "+experiment.plot=false"]
+    iterative = ["experiment.base_steps=3", "experiment.round_steps=2", "experiment.oneshot_steps=3",
+                 "experiment.num_samples=1024", "experiment.num_eval_samples=100", "experiment.eval_repeats=1",
+                 "experiment.schedule=[5,10]", "+experiment.plot=false"]
+    runs = {"toy": ("toy_8gaussians.yaml", toy), "iterative": ("toy_iterative.yaml", iterative)}
+    files, refs = [], {}
+    x, t = torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), torch.full((6,), 0.4)
+    for name, (recipe, overrides) in runs.items():
+        run_dir = tmp_path / name
+        assert main(["run", os.path.join(ROOT, "recipes", recipe), *overrides, "--run-dir", str(run_dir)]) == 0
+        experiment = build_experiment(compose_recipe(os.path.join(ROOT, "recipes", recipe), overrides))
+        for f in sorted(run_dir.rglob("*.pt")):
+            if f.name == "checkpoint.pt":
+                continue
+            files.append(str(f))
+        if name == "toy":  # the domain's own networks, loaded the domain's way
+            for model in ("efm_ot_beta3", "efm_vp_beta3", "fm_ot", "cep_beta3"):
+                net, _ = experiment._load_field(str(run_dir), model, torch.device("cpu"))
+                with torch.no_grad():
+                    refs[str(run_dir / "models" / f"{model}.pt")] = net(x, t)
+        else:
+            for model in ("base", "iterative", "oneshot"):
+                with torch.no_grad():
+                    refs[next(str(f) for f in run_dir.rglob("model.pt") if f.parent.name.startswith(model))] = \
+                        experiment._load(str(run_dir), model)(x, t)
+    assert len(files) >= 12
+    torch.save({"x": x, "t": t, "refs": refs}, tmp_path / "refs.pt")
+    code = f"""
+import sys, torch
+from energyflow.models import load_model
+data = torch.load({str(tmp_path / 'refs.pt')!r})
+for f in {files!r}:
+    m = load_model(f)
+    if f in data["refs"]:
+        with torch.no_grad():
+            assert torch.equal(m.net(data["x"], data["t"]), data["refs"][f]), f
+assert not [k for k in sys.modules if k == "domains" or k.startswith("domains.")]
+print("ok", len({files!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
+    assert json.loads((tmp_path / "toy" / "results.json").read_text())

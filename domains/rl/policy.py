@@ -18,7 +18,8 @@ from energyflow.models import MODEL_FORMAT, model_record
 from energyflow.nets import MLPField
 from energyflow.paths import build_path
 from energyflow.predictor import Predictor
-from energyflow.samplers import build_sampler
+from energyflow.priors import GaussianPrior
+from energyflow.sampling import sampler_from_config
 
 __all__ = ["GenerativePolicy", "load_weights", "save_weights", "record_of", "check_record"]
 
@@ -152,11 +153,10 @@ class GenerativePolicy(nn.Module):
         """Unclipped actions ``[B, num, act_dim]`` for raw states ``obs`` [B, obs_dim] (one batched solve).
 
         ``predictor`` replaces the policy's own (e.g. a gradient-guided one for QGPO)."""
-        cfg = {**self.sampler_cfg, **(sampler or {})}
-        smp = build_sampler(cfg.pop("name"), **cfg)
+        smp = sampler_from_config(self.sampler_cfg, sampler)
         cond = self.normalize(obs).repeat_interleave(num, dim=0)
-        x0 = torch.randn(cond.shape[0], self.act_dim, generator=generator,
-                         device=generator.device if generator is not None else "cpu").to(obs.device)
+        # the noise of the prior the policy was trained from (drawn where the generator lives)
+        x0 = GaussianPrior().sample((cond.shape[0], self.act_dim), generator=generator).to(obs.device)
         return smp.sample(predictor or self.predictor(), x0, cond).x.view(obs.shape[0], num, self.act_dim)
 
     def clip(self, actions: Tensor) -> Tensor:
