@@ -53,7 +53,7 @@ from .models import MODEL_FORMAT, save_model_file
 from .priors import Prior
 from .samplers import Sampler
 from .sampling import initial_noise, sampler_from_config
-from .trainer import Trainer, TrainerConfig
+from .trainer import Trainer, TrainerConfig, TrainResult
 from .weights import energy_weights
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "RoundRecord",
     "IterativeResult",
     "iterative_tilt",
+    "fit_tilted",
     "draw_samples",
     "batch_ess_fraction",
     "choose_delta_beta",
@@ -223,6 +224,34 @@ def _build_sampler(sampler: Union[Sampler, dict, None]) -> Sampler:
     if isinstance(sampler, Sampler):
         return sampler
     return sampler_from_config({"name": "heun", "steps": 50}, sampler)
+
+
+def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_beta: float,
+               trainer: Union[TrainerConfig, dict], *, cond: Optional[Tensor] = None, group_size: Optional[int] = None,
+               prediction: Optional[Prediction] = None, prior: Optional[Prior] = None, out_dir: Optional[str] = None,
+               name: str = "train") -> tuple[Trainer, TrainResult]:
+    """One round's fit: train ``model`` **in place** by EFM at ``delta_beta`` on fixed samples.
+
+    ``x`` ``[N, ...]`` are samples of the current model (of ``q_{k−1}``) and ``energies`` ``[N]``
+    their energies (already transformed if the caller standardises them); with ``group_size=M`` the
+    ``N = S·M`` samples form ``S`` consecutive groups whose weights are normalised within each group,
+    and ``cond`` ``[N, ...]`` (the same within a group) conditions the model.  The minimiser samples
+    ``q_{k−1}·exp(−Δβ E) ∝ q_k``.  Every loop of rounds calls this: :func:`iterative_tilt` with its
+    own samples, QIPO's renewals (``domains/rl/qipo.py``) with a policy's actions scored by a critic.
+
+    Returns:
+        the :class:`~energyflow.trainer.Trainer` after ``fit()`` (its ``ema_module`` and ``model``)
+        and the fit's :class:`~energyflow.trainer.TrainResult`.
+    """
+    tensors = {"x1": x, "energy": energies.to(x.dtype)}
+    if cond is not None:
+        tensors["cond"] = cond
+    if group_size is not None:
+        tensors = {key: v.reshape(-1, group_size, *v.shape[1:]) for key, v in tensors.items()}
+    source = TensorBatchSource(tensors, group_size=group_size)
+    objective = EnergyWeightedLoss(path, delta_beta, prediction=prediction, group_size=group_size, prior=prior)
+    fit = Trainer(model.train(), objective, source, trainer, out_dir=out_dir, name=name)
+    return fit, fit.fit()
 
 
 def _save_round_model(net: nn.Module, path: Path, prediction: Optional[Prediction], meta: dict, file: str) -> None:
@@ -393,18 +422,10 @@ def iterative_tilt(
             tilted_mean_energy=float((w_all.weights.to(torch.float64) * e).sum() / w_all.num_groups),
             loss=math.nan, train_ess_fraction=math.nan, sample_seconds=round(sample_seconds, 3), train_seconds=0.0)
 
-        tensors = {"x1": x, "energy": e.to(x.dtype)}
-        if c is not None:
-            tensors["cond"] = c.cpu()
-        if group_size is not None:
-            tensors = {key: v.reshape(-1, group_size, *v.shape[1:]) for key, v in tensors.items()}
-        source = TensorBatchSource(tensors, group_size=group_size)
-        objective = EnergyWeightedLoss(path, delta, prediction=prediction, group_size=group_size, prior=prior)
-        model = copy.deepcopy(current).train()
         round_dir = os.path.join(out_dir, f"round{k}") if out_dir else None
-        fit = Trainer(model, objective, source, {**asdict(cfg), "seed": cfg.seed + k}, out_dir=round_dir,
-                      name="train")
-        result = fit.fit()
+        fit, result = fit_tilted(copy.deepcopy(current), path, x, e, delta, {**asdict(cfg), "seed": cfg.seed + k},
+                                 cond=None if c is None else c.cpu(), group_size=group_size, prediction=prediction,
+                                 prior=prior, out_dir=round_dir)
         current = copy.deepcopy(fit.ema_module if use_ema else fit.model).eval()
         record.loss = float(result.metrics.get("train/loss", math.nan))
         record.train_ess_fraction = float(result.metrics.get("train/ess_fraction", math.nan))

@@ -6,7 +6,8 @@
 4. ``rounds``: π ← μ; each round draws M actions per sampled state from the current π, weights
    them by softmax(β · Q̃) within the state's group — Q̃ is Q standardised within the group, so β
    is scale-free — and trains π on the *unclipped* actions with the grouped energy-weighted loss
-   (energy = −Q̃).  After n rounds π ≈ μ·exp(n β Q̃): the guidance compounds.
+   (energy = −Q̃).  After n rounds π ≈ μ·exp(n β Q̃): the guidance compounds.  Each round is
+   one round of iterative EFM: :func:`energyflow.iterative.fit_tilted` on the renewed actions.
 
 Each stage is an :class:`energyflow.stages.Stage` keyed by its configuration and its inputs' keys,
 so changing β or the number of rounds retrains neither the behaviour model nor the critic.
@@ -27,7 +28,8 @@ from energyflow.data import TensorBatchSource
 from energyflow.errors import CorruptFileError, InputError
 from energyflow.files import append_jsonl, atomic_torch_save, load_torch, read_jsonl
 from energyflow.guidance import CEPGuidedPredictor
-from energyflow.losses import ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss
+from energyflow.iterative import fit_tilted
+from energyflow.losses import ContrastiveEnergyLoss, FlowMatchingLoss
 from energyflow.nets import MLPEnergyNet
 from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import Trainer, TrainerConfig
@@ -448,14 +450,15 @@ class QIPO:
                 start = time.perf_counter()
                 g.manual_seed(self.cfg.seed + 7919 * r)
                 batch = self.round_batch(policy.eval(), critic, g)
-                source = TensorBatchSource({k: batch[k] for k in ("x1", "cond", "energy")}, group_size=self.cfg.num_support)
-                objective = EnergyWeightedLoss(policy.path, self.cfg.beta, group_size=self.cfg.num_support)
                 round_dir = stage.file(f"round{r}")
-                trainer = Trainer(policy.train(), objective, source,
-                                  self._trainer_config(self.cfg.round_trainer, steps=self.cfg.round_steps,
-                                                       seed=self.cfg.seed + r, resume=False),
-                                  out_dir=round_dir, name="qipo")
-                result = trainer.fit()
+                # one round of iterative EFM (energyflow.iterative.fit_tilted): pi_r ∝ pi_{r-1}·exp(β Q̃)
+                # within each state's group, trained in place (no EMA: ema_decay 0 in round_trainer)
+                m = self.cfg.num_support
+                _, result = fit_tilted(policy, policy.path, batch["x1"].flatten(0, 1), batch["energy"].flatten(),
+                                       self.cfg.beta,
+                                       self._trainer_config(self.cfg.round_trainer, steps=self.cfg.round_steps,
+                                                            seed=self.cfg.seed + r, resume=False),
+                                       cond=batch["cond"].flatten(0, 1), group_size=m, out_dir=round_dir, name="qipo")
                 save_weights(policy, os.path.join(round_dir, "policy.pt"), {"qipo_round": r})
                 record = {"round": r, "q_support_mean": float(batch["q"].mean()),
                           "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss"),
