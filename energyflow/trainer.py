@@ -30,8 +30,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .data import BatchSource
 from .errors import CorruptFileError, InputError
 from .files import atomic_torch_save, load_torch
-from .runtime import DistInfo, init_distributed, resolve_device, seed_everything, set_threads
+from .runtime import DistInfo, init_distributed, resolve_device, set_threads
 from .tracking import MetricLogger
+from .validation import check_integer, check_number
 
 __all__ = ["TrainerConfig", "Trainer", "EvalHook"]
 
@@ -143,26 +144,12 @@ _NON_RESULT_FIELDS = frozenset({"device", "num_threads", "log_every", "eval_ever
 
 
 def _integer(config: Any, name: str, minimum: Optional[int]) -> int:
-    value = getattr(config, name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        need = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
-        raise InputError(f"trainer setting {name!r} must be {need}, got {value!r}")
-    return value
+    return check_integer(getattr(config, name), f"trainer setting {name!r}", minimum)
 
 
-def _number(config: Any, name: str, low: float, high: float = math.inf, low_inclusive: bool = True,
+def _number(config: Any, name: str, low: float, high: Optional[float] = None, low_inclusive: bool = True,
             high_inclusive: bool = False) -> float:
-    value = getattr(config, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
-    if not ok:
-        lo = f"{'[' if low_inclusive else '('}{low:g}"
-        hi = f"{high:g}{']' if high_inclusive else ')'}" if math.isfinite(high) else "inf)"
-        raise InputError(f"trainer setting {name!r} must be a finite number in {lo}, {hi}, got {value!r}")
-    return float(value)
+    return check_number(getattr(config, name), f"trainer setting {name!r}", low, high, low_inclusive, high_inclusive)
 
 
 @dataclass

@@ -10,7 +10,6 @@ their configuration, so changing β or the number of rounds retrains neither μ 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from energyflow.errors import InputError
+from energyflow.validation import check_integer, check_number
 from energyflow.experiment import Experiment
 from energyflow.files import atomic_open, check_writable, read_json, write_json, write_text
 
@@ -89,13 +89,9 @@ class OfflineRLExperiment(Experiment):
         if default_dataset is not None and not isinstance(default_dataset, dict):
             raise InputError(f"experiment.default_dataset must be a mapping (id, actors, steps_per_actor), "
                              f"got {default_dataset!r}")
-        from .qipo import _integer
-
-        eval_episodes = _integer(eval_episodes, "experiment.eval_episodes", minimum=1)
-        eval_seed = _integer(eval_seed, "experiment.eval_seed")
-        if (isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float))
-                or not math.isfinite(reward_scale) or reward_scale <= 0):
-            raise InputError(f"experiment.reward_scale must be a finite number > 0, got {reward_scale!r}")
+        eval_episodes = check_integer(eval_episodes, "experiment.eval_episodes", minimum=1)
+        eval_seed = check_integer(eval_seed, "experiment.eval_seed")
+        reward_scale = check_number(reward_scale, "experiment.reward_scale", low=0.0, low_inclusive=False)
         if qipo is not None and not isinstance(qipo, dict):
             raise InputError(f"experiment.qipo must be a mapping of QIPO settings, got {qipo!r}")
         for name, source in (("path", "experiment.algo"), ("seed", "experiment.seeds")):

@@ -15,7 +15,6 @@ so changing β or the number of rounds retrains neither the behaviour model nor 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from energyflow.losses import ContrastiveEnergyLoss, FlowMatchingLoss
 from energyflow.nets import MLPEnergyNet
 from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import Trainer, TrainerConfig
+from energyflow.validation import check_integer, check_number
 
 from .critic import InSupportCriticLoss, TwinQ
 from .datasets import Transitions
@@ -118,29 +118,6 @@ _SET_PER_ROUND = {"steps": "use round_steps", "seed": "rounds are seeded from se
 _QGPO_NET = ("hidden", "depth", "scale")
 
 
-def _integer(value: Any, where: str, minimum: Optional[int] = None) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        need = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise InputError(f"{where} must be {need}, got {value!r}")
-    return value
-
-
-def _number(value: Any, where: str, low: float, high: float = math.inf, low_inclusive: bool = True,
-            high_inclusive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and (value <= high if high_inclusive else value < high)
-    if not ok:
-        if math.isinf(high):
-            need = f"{'>=' if low_inclusive else '>'} {low:g}"
-        else:
-            need = f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
-        raise InputError(f"{where} must be a finite number {need}, got {value!r}")
-    return float(value)
-
-
 def _trainer_settings(value: Any, where: str, extra: Mapping[str, Any] = {}, refused: Mapping[str, str] = {}) -> dict:
     """Check a trainer dict: only :class:`TrainerConfig` keys (plus ``extra``), values as TrainerConfig
     checks them (it is built once here, so a bad value fails before any training)."""
@@ -170,23 +147,23 @@ def _check_settings(v: dict[str, Any], where: str) -> dict[str, Any]:
     if v["path"] not in ("ot", "vp"):
         raise InputError(f"{w('path')} must be 'ot' or 'vp', got {v['path']!r}")
     for name in ("hidden", "depth", "critic_hidden", "critic_depth", "round_steps", "round_states"):
-        out[name] = _integer(v[name], w(name), minimum=1)
+        out[name] = check_integer(v[name], w(name), minimum=1)
     # standardising Q within a state's group needs a spread: at least two support actions
-    out["num_support"] = _integer(v["num_support"], w("num_support"), minimum=2)
-    out["rounds"] = _integer(v["rounds"], w("rounds"), minimum=0)
-    out["checkpoint_every"] = _integer(v["checkpoint_every"], w("checkpoint_every"), minimum=0)
-    out["seed"] = _integer(v["seed"], w("seed"))
+    out["num_support"] = check_integer(v["num_support"], w("num_support"), minimum=2)
+    out["rounds"] = check_integer(v["rounds"], w("rounds"), minimum=0)
+    out["checkpoint_every"] = check_integer(v["checkpoint_every"], w("checkpoint_every"), minimum=0)
+    out["seed"] = check_integer(v["seed"], w("seed"))
     if v["critic_states"] is not None:
-        out["critic_states"] = _integer(v["critic_states"], w("critic_states"), minimum=1)
-    out["gamma"] = _number(v["gamma"], w("gamma"), 0.0, 1.0)
-    out["alpha"] = _number(v["alpha"], w("alpha"), 0.0)
-    out["beta"] = _number(v["beta"], w("beta"), 0.0)
+        out["critic_states"] = check_integer(v["critic_states"], w("critic_states"), minimum=1)
+    out["gamma"] = check_number(v["gamma"], w("gamma"), 0.0, 1.0)
+    out["alpha"] = check_number(v["alpha"], w("alpha"), 0.0)
+    out["beta"] = check_number(v["beta"], w("beta"), 0.0)
     out["behaviour"] = _trainer_settings(v["behaviour"], w("behaviour"))
     out["critic"] = _trainer_settings(v["critic"], w("critic"))
     out["round_trainer"] = _trainer_settings(v["round_trainer"], w("round_trainer"), refused=_SET_PER_ROUND)
-    positive = lambda x, at: _integer(x, at, minimum=1)  # noqa: E731
+    positive = lambda x, at: check_integer(x, at, minimum=1)  # noqa: E731
     out["qgpo"] = _trainer_settings(v["qgpo"], w("qgpo"), extra={"hidden": positive, "depth": positive,
-                                                              "scale": lambda x, at: _number(x, at, 0.0)})
+                                                              "scale": lambda x, at: check_number(x, at, 0.0)})
     m = out["num_support"]
     for name in ("round_trainer", "qgpo"):  # both losses weight whole groups of M actions per state
         batch = out[name].get("batch_size", TrainerConfig.batch_size)

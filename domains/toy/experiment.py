@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
-import math
-import numbers
 import os
 import re
 import shutil
@@ -62,6 +60,7 @@ from energyflow.samplers import build_sampler
 from energyflow.sampling import initial_noise, sampler_from_config
 from energyflow.stages import Stage, config_key
 from energyflow.trainer import TrainerConfig
+from energyflow.validation import check_integer, check_number
 
 from .datasets import TOY_DATASETS, sample_toy
 from .energies import SineEnergy
@@ -85,31 +84,6 @@ def _beta_tag(beta: float) -> str:
 
 
 # -- input validation (every message names the recipe key) ------------------------------------------
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _integer(value: Any, key: str, minimum: int = 1) -> int:
-    if _is_real(value) and float(value).is_integer() and value >= minimum:
-        return int(value)
-    raise InputError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _real(value: Any, key: str, low: Optional[float] = None, low_open: bool = False,
-          high: Optional[float] = None) -> float:
-    """A finite float within ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    ok = _is_real(value) and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = float(value) > low if low_open else float(value) >= low
-    if ok and high is not None:
-        ok = float(value) <= high
-    if ok:
-        return float(value)
-    rng = "" if low is None else (f" > {low:g}" if low_open else f" >= {low:g}")
-    rng += "" if high is None else f" and <= {high:g}"
-    raise InputError(f"{key} must be a finite number{rng}, got {value!r}")
-
-
 def _names(value: Any, key: str, allowed: Sequence[str]) -> list[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise InputError(f"{key} must be a list of names from {list(allowed)}, got {value!r}")
@@ -197,7 +171,7 @@ class ToyExperiment(Experiment):
                              "stage cache key (give it a __repr__ that states its parameters)") from None
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or not betas:
             raise InputError(f"experiment.betas must be a non-empty list of numbers, got {betas!r}")
-        self.betas = [_real(b, f"experiment.betas[{i}]", low=0.0) for i, b in enumerate(betas)]
+        self.betas = [check_number(b, f"experiment.betas[{i}]", low=0.0) for i, b in enumerate(betas)]
         tags = [_beta_tag(b) for b in self.betas]
         if len(set(tags)) != len(tags):
             raise InputError(f"experiment.betas {self.betas} has values with the same model name "
@@ -211,21 +185,21 @@ class ToyExperiment(Experiment):
                              f"({self.energy!r} has differentiable=False); drop it or use a torch energy")
         self.net_cfg = {**_NET_DEFAULTS, **_mapping(net, "experiment.net", tuple(_NET_DEFAULTS))}
         for k in _NET_DEFAULTS:
-            self.net_cfg[k] = _integer(self.net_cfg[k], f"experiment.net.{k}")
+            self.net_cfg[k] = check_integer(self.net_cfg[k], f"experiment.net.{k}", minimum=1)
         self.sampler_cfg = self._sampler_config(sampler, "experiment.sampler")
-        self.guidance_steps = _integer(guidance_steps, "experiment.guidance_steps")
-        self.guidance_min_time = _real(guidance_min_time, "experiment.guidance_min_time", low=0.0, low_open=True,
-                                       high=1.0)
+        self.guidance_steps = check_integer(guidance_steps, "experiment.guidance_steps", minimum=1)
+        self.guidance_min_time = check_number(guidance_min_time, "experiment.guidance_min_time", low=0.0, high=1.0,
+                                              low_inclusive=False, high_inclusive=True)
         cep_given = _mapping(cep, "experiment.cep", (*_CEP_DEFAULTS, *_CEP_TRAINER_KEYS))
         self.cep_cfg = {**_CEP_DEFAULTS, **cep_given}
-        self.cep_cfg["group_size"] = _integer(self.cep_cfg["group_size"], "experiment.cep.group_size", minimum=2)
+        self.cep_cfg["group_size"] = check_integer(self.cep_cfg["group_size"], "experiment.cep.group_size", minimum=2)
         for k in ("hidden", "depth", "time_dim"):
-            self.cep_cfg[k] = _integer(self.cep_cfg[k], f"experiment.cep.{k}")
-        self.x1_clip = None if x1_clip is None else _real(x1_clip, "experiment.x1_clip", low=0.0, low_open=True)
-        self.num_eval_samples = _integer(num_eval_samples, "experiment.num_eval_samples", minimum=2)
-        self.eval_repeats = _integer(eval_repeats, "experiment.eval_repeats")
-        self.pool_size = _integer(pool_size, "experiment.pool_size", minimum=int(MIN_POOL_ESS))
-        self.seed = _integer(seed, "experiment.seed", minimum=0)
+            self.cep_cfg[k] = check_integer(self.cep_cfg[k], f"experiment.cep.{k}", minimum=1)
+        self.x1_clip = None if x1_clip is None else check_number(x1_clip, "experiment.x1_clip", low=0.0, low_inclusive=False)
+        self.num_eval_samples = check_integer(num_eval_samples, "experiment.num_eval_samples", minimum=2)
+        self.eval_repeats = check_integer(eval_repeats, "experiment.eval_repeats", minimum=1)
+        self.pool_size = check_integer(pool_size, "experiment.pool_size", minimum=int(MIN_POOL_ESS))
+        self.seed = check_integer(seed, "experiment.seed", minimum=0)
         if not isinstance(plot, bool):
             raise InputError(f"experiment.plot must be true or false, got {plot!r}")
         self.plot = plot
@@ -298,7 +272,7 @@ class ToyExperiment(Experiment):
         cfg = {**(base or {"name": "heun", "steps": 50}), **(sampler or {})}
         if not isinstance(cfg.get("name"), str):
             raise InputError(f"{key}.name must be a sampler name, got {cfg.get('name')!r}")
-        cfg["steps"] = _integer(cfg.get("steps"), f"{key}.steps")
+        cfg["steps"] = check_integer(cfg.get("steps"), f"{key}.steps", minimum=1)
         rest = dict(cfg)
         try:
             build_sampler(rest.pop("name"), **rest)
@@ -540,7 +514,7 @@ class ToyExperiment(Experiment):
         if not m or m["method"] not in METHODS or (m["beta"] is None and m["method"] != "fm_ot"):
             raise InputError(f"model must look like '<method>_beta<β>' with method in {METHODS}, got {model!r}")
         try:
-            beta = _real(float(m["beta"]), "model's beta", low=0.0) if m["beta"] else 0.0
+            beta = check_number(float(m["beta"]), "model's beta", low=0.0) if m["beta"] else 0.0
         except ValueError:
             raise InputError(f"model {model!r}: cannot read β from {m['beta']!r}") from None
         x = self._sample_method(run_dir, m["method"], beta, num_samples, seed, sampler)

@@ -23,7 +23,6 @@ its own exact ``q_{β_k}``.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,6 +41,7 @@ from energyflow.metrics import energy_distance, energy_distance_floor
 from energyflow.nets import MLPField
 from energyflow.paths import CondOTPath
 from energyflow.trainer import TrainerConfig
+from energyflow.validation import check_number
 from energyflow.weights import energy_weights
 
 from .datasets import GaussianMixture, eight_gaussians_mixture, sample_toy
@@ -104,8 +104,8 @@ class ToyIterativeExperiment(Experiment):
             raise InputError(f"experiment.direction: {err}") from None
         if len(self.energy.direction) != 2:
             raise InputError(f"experiment.direction must have 2 entries, got {list(direction)}")
-        self.beta = _finite(beta, "experiment.beta", positive=True)
-        self.schedule = None if schedule is None else [_finite(b, "experiment.schedule", positive=True) for b in schedule]
+        self.beta = check_number(beta, "experiment.beta", low=0.0, low_inclusive=False)
+        self.schedule = None if schedule is None else [check_number(b, "experiment.schedule", low=0.0, low_inclusive=False) for b in schedule]
         if self.schedule is not None and (not self.schedule or abs(self.schedule[-1] - self.beta) > 1e-12
                                           or any(b >= a for a, b in zip(self.schedule[1:], self.schedule[:-1]))):
             raise InputError(f"experiment.schedule must increase and end at beta={self.beta}, got {self.schedule}")
@@ -298,14 +298,3 @@ class ToyIterativeExperiment(Experiment):
         x = self._draw(self._load(run_dir, model or "iterative"), num_samples, seed, sampler)
         return SampleRecord(x=x, meta={"model": model or "iterative", "seed": seed, "sampler": sampler})
 
-
-def _finite(value: Any, key: str, positive: bool = False) -> float:
-    import math
-
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise InputError(f"{key} must be a finite number{' > 0' if positive else ''}, got {value!r}")
-    return v

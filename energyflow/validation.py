@@ -1,0 +1,41 @@
+"""Checks of configuration values, shared by the trainer and every domain's experiment: each
+failure is an :class:`~energyflow.errors.InputError` whose message names the key."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+from .errors import InputError
+
+__all__ = ["check_integer", "check_number"]
+
+
+def check_integer(value: Any, key: str, minimum: Optional[int] = None) -> int:
+    """``value`` as an ``int`` (integral floats and numpy integers accepted, booleans refused),
+    at least ``minimum`` when given."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+            and (minimum is None or value >= minimum)):
+        return int(value)
+    need = "an integer" if minimum is None else f"an integer >= {minimum}"
+    raise InputError(f"{key} must be {need}, got {value!r}")
+
+
+def check_number(value: Any, key: str, low: Optional[float] = None, high: Optional[float] = None,
+                 low_inclusive: bool = True, high_inclusive: bool = False) -> float:
+    """``value`` as a finite ``float`` within the given bounds (``low`` inclusive and ``high``
+    exclusive by default)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if ok:
+        return float(value)
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>=' if low_inclusive else '>'} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<=' if high_inclusive else '<'} {high:g}")
+    need = " " + " and ".join(bounds) if bounds else ""
+    raise InputError(f"{key} must be a finite number{need}, got {value!r}")
