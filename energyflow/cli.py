@@ -189,17 +189,17 @@ def _run_point(cfg, run_dir: str, force: bool = False) -> dict[str, Any]:
 
 
 def cmd_multirun(args: argparse.Namespace) -> int:
-    from .sweeps import flatten_numbers, run_multirun
+    from .sweeps import flatten_numbers, point_dirs, run_multirun, write_summary
 
     compose_recipe(args.recipe, [])  # the recipe itself is checked first
     sweep_dir = args.run_dir or _default_run_dir(args.recipe) + "-sweep"
 
-    def headline(cfg, results):
-        experiment = build_experiment(cfg)
-        pick = getattr(experiment, "headline", None)
-        return pick(results) if pick is not None else flatten_numbers(results)
-
-    rows = run_multirun(args.recipe, args.overrides, sweep_dir, lambda cfg, d: _run_point(cfg, d, args.force), headline)
+    swept = run_multirun(args.recipe, args.overrides, sweep_dir, lambda cfg, d: _run_point(cfg, d, args.force))
+    # the summary's headline numbers: the experiment's own pick (read from a point's saved config,
+    # so it works whichever launcher ran the points), else every number of results.json
+    points = point_dirs(sweep_dir)
+    experiment = build_experiment(_load_run(points[0])) if points else None
+    rows = write_summary(sweep_dir, getattr(experiment, "headline", None) or flatten_numbers, swept)
     print(f"{len(rows)} runs in {sweep_dir}; summary: {os.path.join(sweep_dir, 'summary.csv')}")
     return 0
 
@@ -243,7 +243,6 @@ def _sampler_override(args: argparse.Namespace) -> Optional[dict[str, Any]]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
 
     from .files import atomic_open, atomic_torch_save
 
@@ -294,10 +293,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample_model_file(file: str, num_samples: int, sampler: Optional[dict[str, Any]], seed: int):
     """Samples of a self-describing model file (no recipe, no domain code): Gaussian noise of the
     stored sample shape, pushed through the stored path by the chosen sampler (default Heun, 50 steps)."""
-    import torch
-
     from .models import load_model
-    from .samplers import build_sampler
+    from .sampling import initial_noise, sampler_from_config
 
     model = load_model(file)
     if model.sample_shape is None:
@@ -305,10 +302,8 @@ def _sample_model_file(file: str, num_samples: int, sampler: Optional[dict[str, 
     if getattr(model.net, "cond_dim", 0):
         raise InputError(f"model file {file} holds a conditional model (cond_dim={model.net.cond_dim}); sample it "
                          f"from Python with a condition, or through its run directory")
-    cfg = {"name": "heun", "steps": 50, **(model.meta.get("sampler") or {}), **(sampler or {})}
-    smp = build_sampler(cfg.pop("name"), **cfg)
-    x0 = torch.randn(num_samples, *model.sample_shape, generator=torch.Generator().manual_seed(seed))
-    return smp.sample(model.predictor(), x0).x
+    smp = sampler_from_config({"name": "heun", "steps": 50, **(model.meta.get("sampler") or {})}, sampler)
+    return smp.sample(model.predictor(), initial_noise(num_samples, model.sample_shape, seed=seed)).x
 
 
 def _scatter(x, path: str, title: str) -> None:

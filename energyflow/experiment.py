@@ -9,12 +9,10 @@ A recipe (Hydra YAML) has an ``experiment`` node with a ``_target_`` naming an
 from __future__ import annotations
 
 import abc
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .files import load_torch, write_json
@@ -104,7 +102,6 @@ def fit_and_save(net: nn.Module, objective: Any, data: Any, config: Any, out_dir
     trains on every rank).
     """
     from .models import save_model_file
-    from .paths import build_path
     from .runtime import is_main_process
     from .trainer import Trainer
 
@@ -112,8 +109,8 @@ def fit_and_save(net: nn.Module, objective: Any, data: Any, config: Any, out_dir
     result = trainer.fit()
     summary = {"steps": result.step, "train_seconds": round(result.seconds, 2), "final_metrics": result.metrics}
     if is_main_process():
-        save_model_file(model_file, trainer.ema_module, path=build_path(path) if isinstance(path, str) else path,
-                        prediction=prediction, meta={**(meta or {}), **summary})
+        save_model_file(model_file, trainer.ema_module, path=path, prediction=prediction,
+                        meta={**(meta or {}), **summary})
     return summary
 
 
@@ -123,10 +120,7 @@ def save_model(net: nn.Module, run_dir: str, name: str, meta: Optional[dict[str,
     (:mod:`energyflow.models`) that :func:`energyflow.models.load_model` and ``energyflow sample FILE``
     rebuild without the domain's code.  ``path`` (a Path or its name) makes it a sampling model."""
     from .models import save_model_file
-    from .paths import build_path
 
-    if isinstance(path, str):
-        path = build_path(path)
     return save_model_file(os.path.join(run_dir, "models", f"{name}.pt"), net, path=path, prediction=prediction,
                            meta=meta)
 

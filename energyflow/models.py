@@ -98,7 +98,7 @@ def _resolve(name: str, source: str) -> type:
 def model_record(net: nn.Module, path: Any = None, prediction: Optional[str] = None,
                  sample_shape: Optional[tuple[int, ...]] = None, meta: Optional[dict[str, Any]] = None) -> dict:
     """The self-describing record of ``net`` (see the module docstring); ``path`` is a
-    :class:`~energyflow.paths.Path` or its spec dict."""
+    :class:`~energyflow.paths.Path`, its name (``"ot"``, ``"vp"``) or its spec dict."""
     name = getattr(net, "registered_name", None)
     if name is None or not hasattr(net, "init_kwargs"):
         raise TypeError(f"{type(net).__name__} is not a registered model: decorate its class with "

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .files import atomic_torch_save  # noqa: F401  (re-exported: where it lived before energyflow.files)
+
 __all__ = ["resolve_device", "seed_everything", "set_threads", "auto_threads", "available_cpus", "DistInfo", "init_distributed",
            "atomic_torch_save", "is_main_process", "broadcast_object"]
 
@@ -100,10 +102,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically: see :func:`energyflow.files.atomic_torch_save`."""
-    from .files import atomic_torch_save as save
-
-    save(obj, path)

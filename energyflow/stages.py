@@ -180,6 +180,8 @@ class Stage:
         """
         import torch.distributed as dist
 
+        from .runtime import broadcast_object
+
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             if self.done:
                 return self.summary
@@ -189,9 +191,8 @@ class Stage:
             return self.summary
         main = dist.get_rank() == 0
         with self.lock() if main else contextlib.nullcontext():
-            todo = [main and not self.done]
-            dist.broadcast_object_list(todo, src=0)
-            if todo[0]:
+            todo = broadcast_object(main and not self.done)
+            if todo:
                 folder = self.path if main else self.folder
                 if main:
                     self._run_and_finish(fn, folder)

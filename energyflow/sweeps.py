@@ -11,16 +11,14 @@ sweep directory gets ``summary.csv`` and ``summary.png``: each point's overrides
 from __future__ import annotations
 
 import csv
-import io
-import json
 import math
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import InputError
 
-__all__ = ["run_multirun", "flatten_numbers", "write_summary"]
+__all__ = ["run_multirun", "flatten_numbers", "write_summary", "point_dirs"]
 
 
 def flatten_numbers(results: Any, prefix: str = "", depth: int = 4) -> dict[str, float]:
@@ -34,7 +32,8 @@ def flatten_numbers(results: Any, prefix: str = "", depth: int = 4) -> dict[str,
     return out
 
 
-def _point_dirs(sweep_dir: str) -> list[str]:
+def point_dirs(sweep_dir: str) -> list[str]:
+    """The sweep's run directories ``<sweep_dir>/<k>/``, in point order."""
     dirs = [d for d in os.listdir(sweep_dir) if d.isdigit() and os.path.isdir(os.path.join(sweep_dir, d))]
     return [os.path.join(sweep_dir, d) for d in sorted(dirs, key=int)]
 
@@ -54,7 +53,7 @@ def write_summary(sweep_dir: str, headline: Callable[[dict], dict[str, float]], 
     from .files import atomic_open, read_json
 
     rows = []
-    for point in _point_dirs(sweep_dir):
+    for point in point_dirs(sweep_dir):
         overrides = dict(o.split("=", 1) for o in _overrides(point) if "=" in o)
         results_file = os.path.join(point, "results.json")
         metrics = headline(read_json(results_file, "results")) if os.path.isfile(results_file) else {}
@@ -110,9 +109,10 @@ def _plot_summary(rows: list[dict], swept: list[str], path: str) -> None:
 
 
 def run_multirun(recipe: str, overrides: Sequence[str], sweep_dir: str,
-                 run_point: Callable[[Any, str], dict[str, Any]], headline: Callable[[Any, dict], dict[str, float]]) -> list[dict]:
+                 run_point: Callable[[Any, str], dict[str, Any]]) -> list[str]:
     """Run the sweep of ``recipe`` with Hydra's multirun; ``run_point(cfg, run_dir)`` runs one point
-    and ``headline(cfg, results)`` picks the numbers of its summary row."""
+    (in this process or, with another launcher, in a worker).  Returns the swept keys; each point's
+    ``config.yaml`` and ``results.json`` are on disk for :func:`write_summary`."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -127,14 +127,11 @@ def run_multirun(recipe: str, overrides: Sequence[str], sweep_dir: str,
     swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
     if not swept:
         raise InputError("--multirun needs at least one swept key, e.g. experiment.betas=[1],[3] or seed=0,1,2")
-    state: dict[str, Any] = {"cfg": None}
 
     @hydra.main(config_path=folder, config_name=os.path.splitext(name)[0], version_base=None)
     def task(cfg) -> None:
         run_dir = HydraConfig.get().runtime.output_dir
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # without the hydra node
-        state["cfg"] = cfg
-        run_point(cfg, run_dir)
+        run_point(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), run_dir)  # without the hydra node
 
     hydra_args = [f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", "hydra.job.chdir=False",
                   "hydra/job_logging=none", "hydra/hydra_logging=none"]
@@ -144,4 +141,4 @@ def run_multirun(recipe: str, overrides: Sequence[str], sweep_dir: str,
         task()
     finally:
         sys.argv = saved_argv
-    return write_summary(sweep_dir, lambda results: headline(state["cfg"], results), swept)
+    return swept
