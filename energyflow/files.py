@@ -22,7 +22,7 @@ from typing import IO, Any, Iterator
 
 from .errors import CorruptFileError, InputError, UnsafeFileError
 
-__all__ = ["atomic_open", "atomic_torch_save", "write_json", "write_text", "save_figure", "load_torch", "read_json",
+__all__ = ["atomic_open", "atomic_torch_save", "write_json", "write_text", "save_figure", "copy_file", "load_torch", "read_json",
            "read_jsonl", "append_jsonl", "check_writable"]
 
 
@@ -85,6 +85,14 @@ def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format=fmt, **kwargs)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` atomically (a crash leaves the old ``dst`` or the new one)."""
+    import shutil
+
+    with open(src, "rb") as f, atomic_open(dst, "wb") as out:
+        shutil.copyfileobj(f, out)
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:

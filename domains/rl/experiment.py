@@ -20,7 +20,7 @@ import torch
 from energyflow.errors import InputError
 from energyflow.validation import check_integer, check_number
 from energyflow.experiment import Experiment
-from energyflow.files import atomic_open, check_writable, read_json, write_json, write_text
+from energyflow.files import check_writable, copy_file, read_json, write_json, write_text
 
 __all__ = ["OfflineRLExperiment", "ALGOS"]
 
@@ -39,13 +39,6 @@ def _seed_list(seeds: Any) -> list[int]:
     if not out or len(set(out)) != len(out):
         raise InputError(f"experiment.seeds must be a non-empty list of distinct integers, got {seeds!r}")
     return out
-
-
-def _copy_atomic(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` atomically (a crash leaves the old ``dst`` or the new one)."""
-    with open(src, "rb") as f, atomic_open(dst, "wb") as out:
-        while chunk := f.read(1 << 20):
-            out.write(chunk)
 
 
 class OfflineRLExperiment(Experiment):
@@ -221,9 +214,9 @@ class OfflineRLExperiment(Experiment):
             timings["rounds"] = round(time.perf_counter() - t0, 1)
             stages.update({"critic": qipo.critic_stage, "rounds": qipo.rounds_stage})
         write_text("".join(json.dumps(r) + "\n" for r in records), os.path.join(seed_dir, "evals.jsonl"))
-        _copy_atomic(qipo.final_policy_file(records), os.path.join(seed_dir, "policy.pt"))
+        copy_file(qipo.final_policy_file(records), os.path.join(seed_dir, "policy.pt"))
         if self.algo == "qgpo":
-            _copy_atomic(qipo.qgpo_stage.file("energy.pt"), os.path.join(seed_dir, "qgpo_energy.pt"))
+            copy_file(qipo.qgpo_stage.file("energy.pt"), os.path.join(seed_dir, "qgpo_energy.pt"))
         # paths relative to the run directory; stages by their folder name in the cache (never absolute)
         write_json({"records": records, "stage_seconds": timings,
                     "final_policy": f"seed{seed}/policy.pt", "final_round": records[-1]["round"],

@@ -36,7 +36,6 @@ import contextlib
 import filecmp
 import os
 import re
-import shutil
 import time
 import warnings
 from typing import Any, Optional, Sequence
@@ -48,7 +47,7 @@ from energyflow.data import FunctionBatchSource
 from energyflow.energies import Energy
 from energyflow.errors import InputError
 from energyflow.experiment import Experiment, SampleRecord, fit_and_save, load_model_state, write_json
-from energyflow.files import atomic_open
+from energyflow.files import copy_file
 from energyflow.guidance import CEPGuidedPredictor, EnergyGuidedPredictor
 from energyflow.losses import ContrastiveEnergyLoss, EnergyWeightedLoss, FlowMatchingLoss
 from energyflow.metrics import energy_distance, energy_distance_floor, sliced_wasserstein
@@ -349,8 +348,7 @@ class ToyExperiment(Experiment):
                   os.path.join(run_dir, "train", name, "metrics.jsonl"))]
         for src, dst in pairs:
             if os.path.isfile(src) and not (os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False)):
-                with open(src, "rb") as f, atomic_open(dst, "wb") as out:
-                    shutil.copyfileobj(f, out)
+                copy_file(src, dst)
 
     def _unpublish_stale(self, run_dir: str) -> None:
         """Remove published ``models/<name>.pt`` of toy models that this configuration does not train
