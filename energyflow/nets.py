@@ -1,18 +1,20 @@
 """Small networks with the energyflow signature ``net(x, t, cond)``.
 
 ``x: [B, dim]``, ``t: [B]`` in [0, 1] (t = 0 noise, t = 1 data), ``cond: [B, cond_dim]`` or ``None``.
+Besides these fields: :class:`MLPEnsemble` (critics, ``net(x)``) and :class:`SquashedGaussianActor`
+(a SAC-style stochastic policy, ``net(obs)``).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .models import register_model
 
-__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet", "PointwiseField", "MLPEnsemble"]
+__all__ = ["TimeEmbedding", "MLPField", "MLPEnergyNet", "PointwiseField", "MLPEnsemble", "SquashedGaussianActor"]
 
 
 class TimeEmbedding(nn.Module):
@@ -145,3 +147,50 @@ class MLPEnsemble(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = torch.stack([m(x) for m in self.members], dim=1)
         return out.squeeze(-1) if self.out_dim == 1 else out
+
+
+@register_model("energyflow.SquashedGaussianActor")
+class SquashedGaussianActor(nn.Module):
+    """A tanh-squashed Gaussian MLP policy (the SAC actor): ``obs: [B, obs_dim] -> action: [B, act_dim]``.
+
+    ``h = latent_pi(obs)`` (``len(hidden)`` × Linear → ReLU), ``u = mu(h) + σ·ε`` with
+    ``σ = exp(clamp(log_std(h), -20, 2))`` and ``ε ~ N(0, I)`` (``ε = 0`` when ``deterministic``),
+    then ``a = low + (tanh(u) + 1) / 2 · (high − low)``: every action lies in the box ``[low, high]``.
+    Parameter names and layout are Stable-Baselines3's (``latent_pi``, ``mu``, ``log_std``), so an SB3
+    SAC actor's weights load as they are; the box is held in the buffers ``low`` and ``high``
+    (``[act_dim]`` each, saved with the weights).
+
+    Args:
+        obs_dim, act_dim: observation and action sizes.
+        hidden: widths of the hidden layers, e.g. ``[256, 256]``.
+        low, high: the action box, ``act_dim`` floats each (default ``[-1, 1]`` in every dimension).
+    """
+
+    LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256),
+                 low: Optional[Sequence[float]] = None, high: Optional[Sequence[float]] = None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = obs_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.latent_pi = nn.Sequential(*layers)
+        self.mu = nn.Linear(d, act_dim)
+        self.log_std = nn.Linear(d, act_dim)
+        for name, box, default in (("low", low, -1.0), ("high", high, 1.0)):
+            values = box if box is not None else [default] * act_dim
+            self.register_buffer(name, torch.as_tensor(values, dtype=torch.float32))
+
+    def forward(self, obs: Tensor, deterministic: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Actions ``[B, act_dim]`` for observations ``[B, obs_dim]``: the squashed mean when
+        ``deterministic``, else one draw (noise from ``generator`` when given)."""
+        h = self.latent_pi(obs)
+        mu = self.mu(h)
+        if not deterministic:
+            std = self.log_std(h).clamp(self.LOG_STD_MIN, self.LOG_STD_MAX).exp()
+            mu = mu + std * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        a = torch.tanh(mu)
+        return self.low + (a + 1.0) * 0.5 * (self.high - self.low)

@@ -512,8 +512,8 @@ def test_shipped_checkpoints_load_weights_only_and_act_deterministically():
     assert (CHECKPOINT_DIR / "README.md").is_file()
     obs = torch.linspace(-1, 1, 17).reshape(1, 17)
     for name, path in shipped.items():
-        state = torch.load(path, weights_only=True)  # plain state dict + plain-Python meta
-        assert set(state) == {"actor", "meta"}
+        state = torch.load(path, weights_only=True)  # a self-describing model file of plain data
+        assert state["format"] == "energyflow-model/1" and state["class"] == "energyflow.SquashedGaussianActor"
         actor, meta = load_actor(name)  # by file name, from any working directory
         assert meta["env_id"] == "Walker2d-v5" and (meta["obs_dim"], meta["act_dim"]) == (17, 6)
         again, _ = load_actor(str(path))

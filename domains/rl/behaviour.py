@@ -1,28 +1,34 @@
-"""Behaviour policies for building offline datasets: SAC training (Stable-Baselines3) and a
-dependency-free squashed-Gaussian actor that replays the saved weights.
+"""Behaviour policies for building offline datasets: SAC training (Stable-Baselines3) and the
+squashed-Gaussian actor that replays the saved weights without it.
 
 Checkpoints hold the *actor only* (a few hundred KB): enough to roll out stochastic actions, which
 is all dataset generation needs.  Stable-Baselines3 is needed to train, not to roll out.
 
-A checkpoint is a weights-only torch file ``{"actor": state_dict, "meta": {...}}`` whose meta holds
-plain Python values only, so it is read with ``torch.load(weights_only=True)``
-(:func:`energyflow.files.load_torch`): loading one never runs code.  The Walker2d-v5 checkpoints
-that build the default dataset ship inside the package, in ``domains/rl/behaviour_checkpoints/``
-(see its README); :func:`resolve_actor_path` finds them by file name.
+A checkpoint is a self-describing energyflow model file (:mod:`energyflow.models`, format
+``energyflow-model/1``): the core network :class:`energyflow.nets.SquashedGaussianActor`, its
+constructor arguments and weights, and a ``meta`` dict of plain Python values (``env_id``,
+``obs_dim``, ``act_dim``, ``hidden``, ``low``, ``high``, ``seed``, ``steps``, ``eval_return``).  So
+``energyflow.load_model(file)`` rebuilds the actor in a process that never imports ``domains``, and
+loading one never runs code (``torch.load(weights_only=True)``).  :func:`load_actor` also reads the
+earlier format, a weights-only ``{"actor": state_dict, "meta": {...}}``.  The Walker2d-v5
+checkpoints that build the default dataset ship inside the package, in
+``domains/rl/behaviour_checkpoints/`` (see its README); :func:`resolve_actor_path` finds them by
+file name.
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from energyflow.errors import CorruptFileError, InputError
-from energyflow.files import append_jsonl, atomic_torch_save, load_torch
+from energyflow.files import append_jsonl, load_torch
+from energyflow.models import MODEL_FORMAT, load_model, save_model_file
+from energyflow.nets import SquashedGaussianActor
 
 __all__ = ["SquashedGaussianActor", "train_sac", "load_actor", "CHECKPOINT_DIR", "shipped_checkpoints",
            "resolve_actor_path"]
@@ -35,40 +41,9 @@ CHECKPOINT_DIR: Path = Path(__file__).resolve().parent / "behaviour_checkpoints"
 # runs name them there, and such paths still resolve to the shipped files.
 _LEGACY_DIR = ("assets", "behaviour")
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
-
-
-class SquashedGaussianActor(nn.Module):
-    """a = tanh(μ(s) + σ(s)·ε) rescaled to the action box: the SAC actor (same layout as SB3's).
-
-    Args:
-        obs_dim, act_dim: observation and action sizes.
-        hidden: widths of the hidden layers (ReLU).
-        low, high: the action box.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256),
-                 low: Optional[Sequence[float]] = None, high: Optional[Sequence[float]] = None):
-        super().__init__()
-        layers, d = [], obs_dim
-        for h in hidden:
-            layers += [nn.Linear(d, h), nn.ReLU()]
-            d = h
-        self.latent_pi = nn.Sequential(*layers)
-        self.mu = nn.Linear(d, act_dim)
-        self.log_std = nn.Linear(d, act_dim)
-        self.register_buffer("low", torch.as_tensor(low if low is not None else [-1.0] * act_dim, dtype=torch.float32))
-        self.register_buffer("high", torch.as_tensor(high if high is not None else [1.0] * act_dim, dtype=torch.float32))
-
-    def forward(self, obs: Tensor, deterministic: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Actions ``[B, act_dim]`` for observations ``[B, obs_dim]``."""
-        h = self.latent_pi(obs)
-        mu = self.mu(h)
-        if not deterministic:
-            std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
-            mu = mu + std * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        a = torch.tanh(mu)
-        return self.low + (a + 1.0) * 0.5 * (self.high - self.low)
+#: The registered name of the actor's class in model files.
+ACTOR_CLASS = "energyflow.SquashedGaussianActor"
+LOG_STD_MIN, LOG_STD_MAX = SquashedGaussianActor.LOG_STD_MIN, SquashedGaussianActor.LOG_STD_MAX
 
 
 def shipped_checkpoints() -> dict[str, Path]:
@@ -127,42 +102,76 @@ def load_actor(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Squa
     """Load an actor checkpoint written by :func:`train_sac`; returns ``(actor, meta)``.
 
     ``path`` goes through :func:`resolve_actor_path` (a file, or a shipped checkpoint's name).  The
-    file is read weights-only (nothing in it can run code) and checked: a missing, truncated or
-    foreign file, a missing ``actor``/``meta`` key, a bad meta field or weights that do not fit the
-    meta raise an :class:`~energyflow.errors.InputError` naming the file and the key.
+    file is a self-describing model file (rebuilt by :func:`energyflow.models.load_model`) or an
+    earlier ``{"actor": state_dict, "meta": {...}}`` checkpoint; either is read weights-only
+    (nothing in it can run code) and checked: a missing, truncated or foreign file, a model file of
+    another class, a missing ``actor``/``meta`` key, a bad meta field, weights that do not fit the
+    meta or non-finite weights raise an :class:`~energyflow.errors.InputError` naming the file and
+    the key.
     """
     path = resolve_actor_path(path)
     what = "behaviour-policy checkpoint"
     state = load_torch(path, what=what, map_location=map_location)
-    if not isinstance(state, dict) or not {"actor", "meta"} <= set(state):
+    if isinstance(state, dict) and "format" in state:
+        actor, meta = _load_model_file(path, state, map_location)
+    elif isinstance(state, dict) and {"actor", "meta"} <= set(state):
+        actor, meta = _load_legacy(path, state)
+    else:
         have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise CorruptFileError(f"{what} {path} must hold the keys 'actor' (a state dict) and 'meta' (a dict); "
-                               f"it has {have}")
+        raise CorruptFileError(f"{what} {path} must be an energyflow model file (format {MODEL_FORMAT!r}) or hold "
+                               f"the keys 'actor' (a state dict) and 'meta' (a dict); it has {have}")
+    if not all(torch.isfinite(t).all() for t in actor.state_dict().values()):
+        key = "state_dict" if "format" in state else "actor"
+        raise CorruptFileError(f"{what} {path}: key {key!r} holds NaN or infinite weights")
+    return actor.eval(), meta
+
+
+def _load_model_file(path: str, record: dict, map_location: str) -> tuple[SquashedGaussianActor, dict]:
+    """The actor of a self-describing model file, its constructor arguments checked against its meta."""
+    where = f"behaviour-policy checkpoint {path}"
+    if record.get("class") != ACTOR_CLASS:
+        raise CorruptFileError(f"{where} is a model file of {record.get('class')!r}, not of a behaviour actor "
+                               f"({ACTOR_CLASS!r})")
+    meta = _checked_meta(record.get("meta"), path)
+    actor = load_model(path, map_location=map_location).net  # one-line errors naming the file
+    init = actor.init_kwargs
+    stored = (init["obs_dim"], init["act_dim"], [int(h) for h in init["hidden"]])
+    if stored != (meta["obs_dim"], meta["act_dim"], list(meta["hidden"])):
+        raise CorruptFileError(f"{where}: key 'init' (obs_dim {stored[0]}, act_dim {stored[1]}, hidden {stored[2]}) "
+                               f"does not fit meta (obs_dim {meta['obs_dim']}, act_dim {meta['act_dim']}, hidden "
+                               f"{list(meta['hidden'])})")
+    return actor, meta
+
+
+def _load_legacy(path: str, state: dict) -> tuple[SquashedGaussianActor, dict]:
+    """The actor of an earlier ``{"actor": state_dict, "meta": {...}}`` checkpoint."""
+    what = "behaviour-policy checkpoint"
     meta = _checked_meta(state["meta"], path)
     weights = state["actor"]
     if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise CorruptFileError(f"{what} {path}: key 'actor' must be a state dict (parameter name → tensor)")
-    actor = SquashedGaussianActor(meta["obs_dim"], meta["act_dim"], meta["hidden"], meta["low"], meta["high"])
+    actor = SquashedGaussianActor(meta["obs_dim"], meta["act_dim"], list(meta["hidden"]),
+                                  [float(v) for v in meta["low"]], [float(v) for v in meta["high"]])
     try:
         actor.load_state_dict(weights)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise CorruptFileError(f"{what} {path}: key 'actor' does not fit meta (obs_dim {meta['obs_dim']}, act_dim "
                                f"{meta['act_dim']}, hidden {list(meta['hidden'])}): {detail}") from None
-    if not all(torch.isfinite(t).all() for t in actor.state_dict().values()):
-        raise CorruptFileError(f"{what} {path}: key 'actor' holds NaN or infinite weights")
-    return actor.eval(), meta
+    return actor, meta
 
 
 def _export_actor(model, path: str, meta: dict) -> None:
-    """Save SB3's actor as a weights-only checkpoint (plain state dict + plain-Python meta), atomically."""
+    """Save SB3's actor as a self-describing model file (weights, constructor arguments and
+    plain-Python meta; see :mod:`energyflow.models`), atomically."""
     sd = {k: v.detach().cpu().clone() for k, v in model.policy.actor.state_dict().items()
           if k.startswith(("latent_pi", "mu", "log_std"))}
     space = model.action_space
     full = {**meta, "low": [float(v) for v in space.low], "high": [float(v) for v in space.high]}
-    actor = SquashedGaussianActor(full["obs_dim"], full["act_dim"], full["hidden"], full["low"], full["high"])
+    actor = SquashedGaussianActor(int(full["obs_dim"]), int(full["act_dim"]), [int(h) for h in full["hidden"]],
+                                  full["low"], full["high"])
     actor.load_state_dict(sd, strict=False)
-    atomic_torch_save({"actor": actor.state_dict(), "meta": full}, path)
+    save_model_file(path, actor, meta=full)
 
 
 def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int = 25_000, seed: int = 0,
