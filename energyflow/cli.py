@@ -284,9 +284,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
             np.save(f, x.numpy())
     else:
         atomic_torch_save(record.to_file_object(), out)
+    figure = os.path.splitext(out)[0] + ".png"
+    from .figures import is_image_batch, save_image_grid
+
     if x.dim() == 2 and x.shape[1] == 2:
-        _scatter(x, os.path.splitext(out)[0] + ".png", title=args.model or "samples")
-    print(f"wrote {tuple(x.shape)} samples to {out}")
+        _scatter(x, figure, title=args.model or "samples")
+    elif is_image_batch(x):
+        save_image_grid(x[:256], figure)
+    else:
+        figure = None
+    print(f"wrote {tuple(x.shape)} samples to {out}" + (f" (figure: {figure})" if figure else ""))
     return 0
 
 

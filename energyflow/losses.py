@@ -39,6 +39,7 @@ __all__ = [
     "FlowMatchingLoss",
     "EnergyWeightedLoss",
     "ContrastiveEnergyLoss",
+    "ClassificationLoss",
     "energy_weighted_flow_matching",
     "energy_weighted_diffusion",
     "draw_noise_and_time",
@@ -273,3 +274,23 @@ class ContrastiveEnergyLoss(Objective):
         loss = per_group.mean()
         return LossOutput(loss=loss, per_sample=per_group.repeat_interleave(m), weights=w.reshape(-1),
                           metrics={"loss": loss.detach()})
+
+
+class ClassificationLoss(Objective):
+    """Cross-entropy of a classifier ``net(x) -> logits [B, K]`` on batches ``{"x1": x, "cond": labels [B]}``.
+
+    Trains the classifiers that define classifier energies E(x) = −log p(y ∈ S | x) and the
+    independent classifiers that evaluate samples; with the :class:`~energyflow.trainer.Trainer`
+    it gets EMA, checkpoints, exact resume and data-parallel training like every generative model.
+
+    Metrics: ``loss`` and ``accuracy`` (of the batch, before the step).
+    """
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any], generator: Optional[torch.Generator] = None,
+                 *, target: Any = None) -> LossOutput:
+        labels = batch["cond"]
+        logits = net(batch["x1"])
+        per = torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none")
+        loss = per.mean()
+        accuracy = (logits.detach().argmax(1) == labels).float().mean()
+        return LossOutput(loss=loss, per_sample=per, metrics={"loss": loss.detach(), "accuracy": accuracy})
