@@ -19,7 +19,6 @@ from domains.image.evaluate import (
     classifier_features,
     diversity,
     frechet_distance,
-    save_grid,
     target_rate,
 )
 from energyflow.guidance import EnergyGuidedPredictor
@@ -249,21 +248,6 @@ def test_diversity():
     features = classifier_features(classifier, x).double()
     pairs = [torch.dist(features[i], features[j]).item() for i in range(30) for j in range(i + 1, 30)]
     assert diversity(classifier, x, batch_size=7) == pytest.approx(np.mean(pairs), rel=1e-9)
-
-
-def test_save_grid(tmp_path):
-    images = torch.rand(10, 1, 8, 8) * 2 - 1
-    path = save_grid(images, tmp_path / "grid.png")
-    cells = math.ceil(math.sqrt(10))                       # 4 per row, 3 rows
-    width, height = cells * 9 + 1, 3 * 9 + 1
-    scale = math.ceil(256 / width)
-    with Image.open(path) as picture:
-        assert picture.format == "PNG"
-        assert picture.size == (width * scale, height * scale)
-    rgb = save_grid(torch.rand(6, 3, 8, 8) * 2 - 1, tmp_path / "rgb.png", nrow=3, pad=0)
-    with Image.open(rgb) as picture:
-        assert picture.mode == "RGB" and picture.size == (24 * 11, 16 * 11)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "rgb.png"]   # no temporary files left
 
 
 def test_beta_sweep_figure(tmp_path):

@@ -9,7 +9,7 @@ and restores its previous mode.
 * :func:`frechet_distance` — torchmetrics' Fréchet distance with the classifier's features in place
   of Inception's (works for any number of channels);
 * :func:`diversity` — the mean pairwise distance of the classifier's features;
-* :func:`save_grid`, :func:`beta_sweep_figure` — pictures, written atomically.
+* :func:`beta_sweep_figure` — the β-sweep figure, written atomically (image grids: :func:`energyflow.figures.save_image_grid`).
 
 torchvision, torchmetrics, Pillow and matplotlib are imported only inside the functions that need them.
 """
@@ -29,7 +29,7 @@ from energyflow.files import atomic_open
 
 from .energies import _check_targets
 
-__all__ = ["target_rate", "classifier_features", "frechet_distance", "diversity", "save_grid", "beta_sweep_figure",
+__all__ = ["target_rate", "classifier_features", "frechet_distance", "diversity", "beta_sweep_figure",
            "MAX_DIVERSITY_IMAGES"]
 
 MAX_DIVERSITY_IMAGES = 2000
@@ -149,36 +149,6 @@ def diversity(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> 
     distances = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")
     i, j = torch.triu_indices(len(features), len(features), offset=1)
     return float(distances[i, j].mean())
-
-
-def save_grid(images: Tensor, file: str | os.PathLike, nrow: int | None = None, pad: int = 1) -> str:
-    """Write ``images`` (``[-1, 1]``, 1 or 3 channels) as a PNG grid of ``nrow`` images per row
-    (default ``ceil(sqrt(N))``), separated by ``pad`` grey pixels and enlarged by an integer factor
-    (nearest neighbour) to at least 256 pixels wide, so 8×8 digits are visible.  Atomic; returns the path."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    images = _check_images(images)
-    if images.shape[1] not in (1, 3):
-        raise InputError(f"save_grid needs 1 (grayscale) or 3 (RGB) channels, got {images.shape[1]}")
-    if nrow is None:
-        nrow = math.ceil(math.sqrt(images.shape[0]))
-    if isinstance(nrow, bool) or not isinstance(nrow, (int, np.integer)) or nrow < 1:
-        raise InputError(f"nrow must be an integer >= 1, got {nrow!r}")
-    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
-        raise InputError(f"pad must be an integer >= 0, got {pad!r}")
-    unit = ((images.detach().to(torch.float32).cpu().clamp(-1.0, 1.0) + 1.0) / 2.0)
-    grid = make_grid(unit, nrow=int(nrow), padding=int(pad), pad_value=0.5)  # [3, H, W] (gray is repeated)
-    pixels = grid.mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    if images.shape[1] == 1:
-        pixels = pixels[:, :, 0]
-    picture = Image.fromarray(np.ascontiguousarray(pixels))
-    scale = max(1, math.ceil(256 / picture.width))
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    with atomic_open(file, "wb") as handle:
-        picture.save(handle, format="PNG")
-    return os.fspath(file)
 
 
 def beta_sweep_figure(rows: list[dict], file: str | os.PathLike,
