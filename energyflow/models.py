@@ -77,7 +77,7 @@ def registered_models() -> list[str]:
 
 
 def _import_core_models() -> None:
-    from . import nets  # noqa: F401  (registers the core networks)
+    from . import image_nets, nets  # noqa: F401  (registers the core networks; image_nets imports diffusers lazily)
 
 
 def _resolve(name: str, source: str) -> type:
