@@ -110,7 +110,9 @@ def model_record(net: nn.Module, path: Any = None, prediction: Optional[str] = N
     spec = path.spec() if hasattr(path, "spec") else (dict(path) if path is not None else None)
     if prediction is None and path is not None and hasattr(path, "default_prediction"):
         prediction = path.default_prediction
-    if sample_shape is None and isinstance(getattr(net, "dim", None), int):
+    if sample_shape is None and getattr(net, "sample_shape", None) is not None:
+        sample_shape = tuple(int(s) for s in net.sample_shape)  # e.g. an image net's (C, H, W)
+    elif sample_shape is None and isinstance(getattr(net, "dim", None), int):
         sample_shape = (net.dim,)
     return {"format": MODEL_FORMAT, "class": name, "init": dict(net.init_kwargs), "path": spec,
             "prediction": prediction, "sample_shape": list(sample_shape) if sample_shape is not None else None,

@@ -11,13 +11,15 @@ from .errors import InputError
 __all__ = ["check_integer", "check_number"]
 
 
-def check_integer(value: Any, key: str, minimum: Optional[int] = None) -> int:
+def check_integer(value: Any, key: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """``value`` as an ``int`` (integral floats and numpy integers accepted, booleans refused),
-    at least ``minimum`` when given."""
-    if (isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
-            and (minimum is None or value >= minimum)):
+    within ``[minimum, maximum]`` when given."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+            and float(value).is_integer() and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)):
         return int(value)
-    need = "an integer" if minimum is None else f"an integer >= {minimum}"
+    bounds = [f">= {minimum}"] * (minimum is not None) + [f"<= {maximum}"] * (maximum is not None)
+    need = "an integer" + (" " + " and ".join(bounds) if bounds else "")
     raise InputError(f"{key} must be {need}, got {value!r}")
 
 

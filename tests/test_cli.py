@@ -21,6 +21,12 @@ TINY_QIPO = [
     "experiment.qipo.qgpo.steps=10", "experiment.qipo.hidden=32", "experiment.qipo.critic_hidden=32",
     "experiment.eval_episodes=2", "experiment.progress=false", "device=cpu",
 ]
+TINY_IMAGE = [
+    "experiment.trainer.steps=2", "experiment.classifier.steps=2", "experiment.evaluator.steps=2",
+    "experiment.iterative.steps=2", "experiment.iterative.num_samples=32", "experiment.num_eval_samples=16",
+    "experiment.sampler.steps=2", "experiment.trainer.progress=false", "device=cpu", "beta=[1,3]",
+    "experiment.cache_dir=null",
+]
 TINY = {  # per recipe: overrides that make it run in seconds
     "toy_8gaussians.yaml": [
         "experiment.trainer.steps=5", "experiment.path_trainer.vp.steps=5", "experiment.cep.steps=5",
@@ -32,6 +38,8 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.num_samples=2048", "experiment.num_eval_samples=200", "experiment.eval_repeats=1",
         "experiment.schedule=[5,10]", "+experiment.plot=false",
     ],
+    "image_digits.yaml": TINY_IMAGE,
+    "image_mnist.yaml": TINY_IMAGE,
     "qipo_walker.yaml": TINY_QIPO,
     "qipo_hopper.yaml": [*TINY_QIPO, "dataset=energyflow/test-hopper-v0", "experiment.download=false"],
     "qipo_halfcheetah.yaml": [*TINY_QIPO, "dataset=energyflow/test-halfcheetah-v0", "experiment.download=false"],
@@ -58,6 +66,14 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys, monkeypatch):
     if name.startswith("qipo"):  # the offline-RL domain needs its extra: skip cleanly without it
         for module in ("gymnasium", "minari", "mujoco"):
             pytest.importorskip(module)
+    if name.startswith("image"):  # the image domain needs its extra
+        for module in ("diffusers", "torchvision", "torchmetrics", "sklearn"):
+            pytest.importorskip(module)
+    if name == "image_mnist.yaml":
+        from domains.image.datasets import shared_data_dir
+
+        if shared_data_dir() is None or not (shared_data_dir() / "mnist").is_dir():
+            pytest.skip("the shared MNIST split is not on this machine")
     SETUP.get(name, lambda: None)()
     run_dir = tmp_path / "run"
     assert main(["run", recipe, *TINY[name], "--run-dir", str(run_dir)]) == 0
