@@ -65,3 +65,32 @@ def test_guidance_runs_on_gpu():
     for pred in (EnergyGuidedPredictor(base, SineEnergy(), 3.0), CEPGuidedPredictor(base, MLPEnergyNet(2, 32, 2).cuda())):
         x = build_sampler("euler", 10).sample(pred, x0).x
         assert x.is_cuda and torch.isfinite(x).all()
+
+
+def test_unet_and_classifier_agree_on_cpu_and_gpu():
+    pytest.importorskip("diffusers")
+    from energyflow.image_nets import ConvClassifier, UNetField, unet_preset
+
+    torch.manual_seed(0)
+    unet = UNetField(**unet_preset("cpu", [1, 8, 8], num_classes=10)).double().eval()
+    clf = ConvClassifier([1, 8, 8], 10).double().eval()
+    x, t, y = torch.randn(64, 1, 8, 8, dtype=torch.float64), torch.rand(64, dtype=torch.float64), torch.randint(-1, 10, (64,))
+    with torch.no_grad():
+        cpu = (unet(x, t, y), clf(x))
+        gpu = (unet.cuda()(x.cuda(), t.cuda(), y.cuda()).cpu(), clf.cuda()(x.cuda()).cpu())
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a, b, atol=1e-8)
+
+
+def test_image_experiment_runs_every_algo_on_cuda(tmp_path):
+    for module in ("diffusers", "torchvision", "torchmetrics", "sklearn"):
+        pytest.importorskip(module)
+    from domains.image.experiment import ALGOS, ImageExperiment
+
+    tiny = {"steps": 2, "progress": False, "device": "cuda"}
+    experiment = ImageExperiment(algo=list(ALGOS), betas=[1.0, 3.0], trainer=tiny, classifier={"steps": 2},
+                                 evaluator={"steps": 2}, iterative={"steps": 2, "num_samples": 32},
+                                 num_eval_samples=16, sampler={"name": "heun", "steps": 2}, seed=0)
+    results = experiment.run(str(tmp_path / "run"))
+    assert {r["method"] for r in results["rows"]} == set(ALGOS)
+    assert all(0.0 <= r["target_rate"] <= 1.0 and r["nfe"] > 0 for r in results["rows"])
