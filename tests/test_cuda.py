@@ -78,8 +78,10 @@ def test_unet_and_classifier_agree_on_cpu_and_gpu():
     with torch.no_grad():
         cpu = (unet(x, t, y), clf(x))
         gpu = (unet.cuda()(x.cuda(), t.cuda(), y.cuda()).cpu(), clf.cuda()(x.cuda()).cpu())
+    # diffusers computes the sinusoidal time embedding in float32 whatever the weights' dtype, so the
+    # float64 nets agree to float32 rounding of the embedding (an H200 gave differences near 1e-7)
     for a, b in zip(cpu, gpu):
-        assert torch.allclose(a, b, atol=1e-8)
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_image_experiment_runs_every_algo_on_cuda(tmp_path):
