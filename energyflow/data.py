@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["BatchSource", "TensorBatchSource", "FunctionBatchSource", "DatasetBatchSource"]
+__all__ = ["BatchSource", "TensorBatchSource", "FunctionBatchSource", "DatasetBatchSource", "TiltedResamplingSource"]
 
 
 class BatchSource(Protocol):
@@ -61,6 +61,49 @@ class TensorBatchSource:
             v = v[idx]
             out[k] = v.reshape((-1,) + tuple(v.shape[2:])) if self.group_size else v
         return out
+
+
+class TiltedResamplingSource:
+    """Batches drawn from a finite data set *in proportion to* exp(−β·E): the tilted empirical
+    distribution itself, for plain flow matching / denoising.
+
+    Energy-weighted training (:class:`~energyflow.losses.EnergyWeightedLoss`) draws uniform batches
+    and weights each sample by softmax(−βE) over the batch; its minimiser is the same tilted
+    distribution, but when the tilt is sharp most of a batch gets ~zero weight (the batch's effective
+    sample size is small) and the gradient is noisy.  When the data set is finite and its energies
+    are known in advance (computed once, as EFM also needs them), sampling the items with
+    probabilities ``softmax(−βE)`` over the *whole* data set gives every batch sample unit weight:
+    the same target, an unbiased estimator of the tilted loss, and no weight variance within a batch.
+    Duplicates replace weights, so the data set's own effective sample size
+    (:attr:`dataset_ess`) bounds what the model can learn, exactly as for weighting.
+
+    Indices are drawn with replacement from the trainer's seeded generator (identical on every
+    data-parallel rank; exact resume).
+
+    Args:
+        tensors: ``{"x1": data, ...}``, each ``[N, ...]``.
+        energies: ``[N]`` energies of the items (lower preferred).
+        beta: inverse temperature β ≥ 0.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], energies: Tensor, beta: float):
+        from .weights import energy_weights
+
+        self.source = TensorBatchSource(tensors)
+        if energies.shape != (self.source.size,):
+            raise ValueError(f"energies must have shape ({self.source.size},), got {tuple(energies.shape)}")
+        w = energy_weights(energies.double().cpu(), beta)
+        self.probs = w.weights
+        self.dataset_ess = float(w.ess)
+        self.size = self.source.size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        idx = torch.multinomial(self.probs, batch_size, replacement=True, generator=generator)
+        device = next(iter(self.source.tensors.values())).device
+        return {k: v[idx.to(device)] for k, v in self.source.tensors.items()}
 
 
 class FunctionBatchSource:

@@ -13,7 +13,7 @@ from energyflow.cli import main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "image_digits.yaml")
-ALL = "algo=[efm,efm_vp,unguided,classifier_guidance,cfg,iterative]"
+ALL = "algo=[efm,efm_vp,efm_resampled,unguided,classifier_guidance,cfg,iterative]"
 TINY = [
     "experiment.trainer.steps=2", "experiment.classifier.steps=2", "experiment.evaluator.steps=2",
     "experiment.iterative.steps=2", "experiment.iterative.num_samples=32", "experiment.num_eval_samples=16",
@@ -29,8 +29,8 @@ def test_every_algo_runs_samples_and_reuses_its_stages(tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((run_dir / "results.json").read_text())
     methods = {(r["method"], r["beta"]) for r in results["rows"]}
-    assert methods == {(a, b) for a in ("efm", "efm_vp", "unguided", "classifier_guidance", "cfg", "iterative")
-                       for b in (1.0, 3.0)}
+    assert methods == {(a, b) for a in ("efm", "efm_vp", "efm_resampled", "unguided", "classifier_guidance", "cfg",
+                                        "iterative") for b in (1.0, 3.0)}
     for row in results["rows"]:
         assert 0.0 <= row["target_rate"] <= 1.0 and row["frechet"] >= 0 and row["nfe"] > 0
         assert row["seconds_per_image"] > 0

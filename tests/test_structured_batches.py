@@ -155,3 +155,20 @@ def test_dataset_batch_source_gives_the_in_memory_batches(workers):
         a, b = memory.sample(size, g1), loaded.sample(size, g2)
         assert torch.equal(a["x1"], b["x1"]) and torch.equal(a["cond"], b["cond"])
     assert torch.equal(g1.get_state(), g2.get_state())  # the same draws: resume and DDP stay exact
+
+
+def test_tilted_resampling_draws_items_in_proportion_to_the_tilt():
+    from energyflow.data import TiltedResamplingSource
+
+    x = torch.arange(4.0)[:, None]
+    energies = torch.tensor([0.0, 1.0, 2.0, 0.0])
+    source = TiltedResamplingSource({"x1": x}, energies, beta=1.5)
+    expected = torch.softmax(-1.5 * energies.double(), 0)
+    batch = source.sample(200_000, torch.Generator().manual_seed(0))["x1"][:, 0].long()
+    freq = torch.bincount(batch, minlength=4).double() / batch.numel()
+    assert torch.allclose(freq, expected, atol=0.005)
+    assert source.dataset_ess == pytest.approx(float(1.0 / expected.square().sum()), rel=1e-9)
+    again = source.sample(64, torch.Generator().manual_seed(3))["x1"]
+    assert torch.equal(again, source.sample(64, torch.Generator().manual_seed(3))["x1"])  # seeded
+    with pytest.raises(ValueError, match="energies must have shape"):
+        TiltedResamplingSource({"x1": x}, torch.zeros(3), beta=1.0)

@@ -9,6 +9,10 @@ Methods (``algo``), each evaluated at every β:
 * ``efm``: energy-weighted flow matching on the OT path (one UNet per β), trained on the data
   weighted by softmax(−βE) over each batch — no energy gradient, so E may be a black box;
 * ``efm_vp``: energy-weighted diffusion (VP path, ε prediction);
+* ``efm_resampled``: the same tilted target on the OT path, but the batches are drawn from the data
+  set with probabilities softmax(−βE) over the *whole* set (energies computed once) and trained with
+  the plain loss (:class:`~energyflow.data.TiltedResamplingSource`): no weight variance within a
+  batch, where batch weights leave a sharp tilt's batch a few effective samples;
 * ``unguided``: flow matching on the data (β-independent; the base of the next two);
 * ``classifier_guidance``: the unguided model plus −β∇E(x̂1) at every step (a backward pass
   through the classifier and the UNet per network call; refuses a black-box energy);
@@ -36,13 +40,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from energyflow.data import TensorBatchSource
+from energyflow.data import TensorBatchSource, TiltedResamplingSource
 from energyflow.errors import InputError
 from energyflow.experiment import Experiment, SampleRecord, fit_and_save, write_json
 from energyflow.files import read_jsonl
 from energyflow.losses import ClassificationLoss, EnergyWeightedLoss, FlowMatchingLoss
 from energyflow.models import load_model
-from energyflow.paths import build_path
+from energyflow.paths import VPPath, build_path
 from energyflow.predictor import Predictor
 from energyflow.runtime import resolve_device
 from energyflow.sampling import initial_noise, sampler_from_config
@@ -52,7 +56,7 @@ from energyflow.validation import check_integer, check_number
 
 __all__ = ["ImageExperiment", "ALGOS", "ENERGIES"]
 
-ALGOS = ("efm", "efm_vp", "unguided", "classifier_guidance", "cfg", "iterative")
+ALGOS = ("efm", "efm_vp", "efm_resampled", "unguided", "classifier_guidance", "cfg", "iterative")
 ENERGIES = ("classifier", "jpeg")
 STAGE_FORMAT = 1  # bump when the training code changes what a stage with the same settings produces
 
@@ -115,7 +119,9 @@ class ImageExperiment(Experiment):
         iterative: ``num_samples`` per round and the trainer ``steps``/``lr``/``batch_size`` of each round.
         guidance: ``{"at": "x1"|"xt", "min_time": ...}`` of classifier guidance.
         jpeg: ``{"quality", "unit", "upscale"}`` of the JPEG-size energy.
-        sampler: ``{"name", "steps"}`` used by every method (equal NFE).
+        sampler: ``{"name", "steps"}`` of every model on the OT path (default Heun, 10 steps: 20 NFE).
+        vp_sampler: the sampler of the VP-path models (default DPM-Solver++, 20 steps: the same 20 NFE;
+            a 10-step Heun ODE on the VP path is far too coarse near the noise end).
         x1_clip: bound on |x̂1| when sampling (images lie in [−1, 1]).
         num_eval_samples: samples per method and β.
         reference: also train a model on the target-class images alone and report it (β = 1 check).
@@ -130,7 +136,7 @@ class ImageExperiment(Experiment):
                  betas: Any = (1.0, 3.0, 10.0), net: Optional[dict] = None, trainer: Optional[dict] = None,
                  classifier: Optional[dict] = None, evaluator: Optional[dict] = None, cfg: Optional[dict] = None,
                  iterative: Optional[dict] = None, guidance: Optional[dict] = None, jpeg: Optional[dict] = None,
-                 sampler: Optional[dict] = None, x1_clip: Optional[float] = 1.0, num_eval_samples: int = 500,
+                 sampler: Optional[dict] = None, vp_sampler: Optional[dict] = None, x1_clip: Optional[float] = 1.0, num_eval_samples: int = 500,
                  grid_samples: int = 64, reference: bool = True, cache_dir: Optional[str] = None, seed: int = 0):
         from .datasets import DATASETS
 
@@ -202,10 +208,14 @@ class ImageExperiment(Experiment):
         if sampler is not None and not isinstance(sampler, dict):
             raise InputError(f"experiment.sampler must be a mapping like {{name: heun, steps: 10}}, got {sampler!r}")
         self.sampler_cfg = {"name": "heun", "steps": 10, **(sampler or {})}
-        try:
-            sampler_from_config(self.sampler_cfg)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"experiment.sampler: {err}") from None
+        if vp_sampler is not None and not isinstance(vp_sampler, dict):
+            raise InputError(f"experiment.vp_sampler must be a mapping like {{name: dpm, steps: 20}}, got {vp_sampler!r}")
+        self.vp_sampler_cfg = {"name": "dpm", "steps": 20, **(vp_sampler or {})}
+        for key, cfg in (("experiment.sampler", self.sampler_cfg), ("experiment.vp_sampler", self.vp_sampler_cfg)):
+            try:
+                sampler_from_config(cfg)
+            except (TypeError, ValueError, ImportError) as err:
+                raise InputError(f"{key}: {err}") from None
         self.x1_clip = None if x1_clip is None else check_number(x1_clip, "experiment.x1_clip", low=0.0,
                                                                  low_inclusive=False)
         self.num_eval_samples = check_integer(num_eval_samples, "experiment.num_eval_samples", minimum=2)
@@ -271,10 +281,10 @@ class ImageExperiment(Experiment):
         specs: dict[str, dict[str, Any]] = {}
         if {"unguided", "classifier_guidance", "iterative"} & set(self.algos):
             specs["unguided"] = {**common, "kind": "fm", "path": "ot"}
-        for algo, path in (("efm", "ot"), ("efm_vp", "vp")):
+        for algo, path, kind in (("efm", "ot", "efm"), ("efm_vp", "vp", "efm"), ("efm_resampled", "ot", "resampled")):
             if algo in self.algos:
                 for b in self.betas:
-                    specs[f"{algo}_{_beta_tag(b)}"] = {**common, "kind": "efm", "path": path, "beta": b,
+                    specs[f"{algo}_{_beta_tag(b)}"] = {**common, "kind": kind, "path": path, "beta": b,
                                                       "energy": self._energy_spec(run_dir)}
         if "cfg" in self.algos:
             specs["cfg"] = {**common, "kind": "cfg", "path": "ot", **self.cfg_cfg}
@@ -372,6 +382,9 @@ class ImageExperiment(Experiment):
                 energies = self._data_energies(run_dir, images)
                 source = TensorBatchSource({"x1": images, "energy": energies})
                 objective = EnergyWeightedLoss(path, spec["beta"])
+            elif spec["kind"] == "resampled":
+                source = TiltedResamplingSource({"x1": images}, self._data_energies(run_dir, images), spec["beta"])
+                objective = FlowMatchingLoss(path)
             elif spec["kind"] == "cfg":
                 source = _LabelDropout(TensorBatchSource({"x1": images, "cond": labels}), spec["label_dropout"])
                 objective = FlowMatchingLoss(path)
@@ -417,7 +430,7 @@ class ImageExperiment(Experiment):
         from energyflow.guidance import ClassifierFreeGuidancePredictor, EnergyGuidedPredictor
 
         stages = self.stages(run_dir)
-        if algo in ("efm", "efm_vp"):
+        if algo in ("efm", "efm_vp", "efm_resampled"):
             m = self._model(stages[f"{algo}_{_beta_tag(beta)}"], "model.pt", device)
         elif algo == "iterative":
             records = read_jsonl(stages["iterative"].file("rounds.jsonl"), what="iterative rounds log") \
@@ -445,7 +458,8 @@ class ImageExperiment(Experiment):
         """``num`` samples of ``algo`` at ``beta`` (clamped to [−1, 1]), the seconds per image, the NFE."""
         device = self._device()
         predictor, label = self.predictor(run_dir, algo, beta, device)
-        smp = sampler_from_config(self.sampler_cfg, sampler)
+        base = self.vp_sampler_cfg if isinstance(predictor.path, VPPath) else self.sampler_cfg
+        smp = sampler_from_config(base, sampler)
         x0 = initial_noise(num, self.data("train").image_shape, seed=seed, device=device)
         cond = None if label is None else torch.full((num,), label, dtype=torch.long, device=device)
         smp.sample(predictor, x0[:2], None if cond is None else cond[:2])  # warm-up: not timed
@@ -530,7 +544,8 @@ class ImageExperiment(Experiment):
         metrics = [m for m in ("target_rate", "frechet", "jpeg_size") if m in rows[0]]
         beta_sweep_figure(rows, os.path.join(run_dir, "beta_sweep.png"), metrics=tuple(metrics))
         results = {"dataset": self.dataset, "energy": self.energy_name, "targets": self.targets,
-                   "num_samples": n, "sampler": {**self.sampler_cfg, **(sampler or {})}, "rows": rows,
+                   "num_samples": n, "sampler": {**self.sampler_cfg, **(sampler or {})},
+                   "vp_sampler": {**self.vp_sampler_cfg, **(sampler or {})}, "rows": rows,
                    "reference": reference}
         write_json(results, os.path.join(run_dir, "eval.json"))
         return results
