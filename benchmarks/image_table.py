@@ -65,6 +65,28 @@ def main() -> None:
             line = ", ".join(f"{FORMATS[m][0]} {_cell([v[m] for v in vals if v.get(m) is not None], m)}"
                              for m in args.metrics if any(v.get(m) is not None for v in vals))
             print(f"\n{label}: {line}")
+    known_answer(results)
+
+
+def known_answer(results: list[dict]) -> None:
+    """The β = 1 check, paired within each run (each run has its own evaluator, hence its own
+    feature scale): target-rate gap to real target-class images and Fréchet ratio to the model
+    trained on the target class alone."""
+    lines = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        ref = res.get("reference", {})
+        if "class_only" not in ref:
+            continue
+        for row in res["rows"]:
+            if row["beta"] == 1.0 and row["method"] in ("efm", "efm_vp", "efm_resampled", "cfg", "iterative"):
+                lines[row["method"]]["gap"].append(100.0 * (row["target_rate"] - ref["real"]["target_rate"]))
+                lines[row["method"]]["ratio"].append(row["frechet"] / ref["class_only"]["frechet"])
+    if lines:
+        print("\nβ = 1 known answer (target = p(x | S)), paired per run: target-rate gap to real images (points), "
+              "Fréchet / Fréchet of the class-only model")
+        for method, v in lines.items():
+            print(f"  {NAMES.get(method, method):22s} gap {' '.join(f'{g:+.1f}' for g in v['gap'])}   "
+                  f"ratio {' '.join(f'{r:.2f}' for r in v['ratio'])}   (mean {statistics.mean(v['ratio']):.2f})")
 
 
 if __name__ == "__main__":
