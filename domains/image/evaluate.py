@@ -188,6 +188,9 @@ def beta_sweep_figure(rows: list[dict], file: str | os.PathLike,
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         if log_x:
             ax.set_xscale("log")
+        values = [float(row[metric]) for row in rows if row.get(metric) is not None]
+        if metric == "frechet" and values and min(values) > 0:
+            ax.set_yscale("log")  # the unguided model is orders of magnitude away from the target class
         ax.set_xlabel("β")
         ax.set_title(metric, fontsize=9)
         ax.grid(True, alpha=0.3)
