@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from energyflow.energies import Energy
 from energyflow.errors import InputError
+from energyflow.validation import check_number
 
 __all__ = ["ClassifierEnergy", "JPEGSizeEnergy", "DIGITS_JPEG_UNIT", "DIGITS_JPEG_UPSCALE"]
 
@@ -76,13 +77,7 @@ class ClassifierEnergy(Energy):
             raise InputError(f"classifier must be a module mapping images to logits, got {type(classifier).__name__}")
         self.classifier = classifier
         self.targets = _check_targets(targets)
-        try:
-            temperature = float(temperature)
-        except (TypeError, ValueError):
-            raise InputError(f"temperature must be a positive number, got {temperature!r}") from None
-        if not np.isfinite(temperature) or temperature <= 0:
-            raise InputError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = temperature
+        self.temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False)
         self._index: Optional[Tensor] = None
         self._num_classes: Optional[int] = None
 
@@ -159,12 +154,7 @@ class JPEGSizeEnergy(Energy):
     def __init__(self, quality: int = 75, unit: float = 1.0, upscale: int = 1, workers: Optional[int] = None):
         if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
             raise InputError(f"quality must be an integer in 1..100, got {quality!r}")
-        try:
-            unit = float(unit)
-        except (TypeError, ValueError):
-            raise InputError(f"unit must be a positive number of bytes, got {unit!r}") from None
-        if not np.isfinite(unit) or unit <= 0:
-            raise InputError(f"unit must be a positive number of bytes, got {unit!r}")
+        unit = check_number(unit, "unit (bytes)", low=0.0, low_inclusive=False)
         if isinstance(upscale, bool) or not isinstance(upscale, (int, np.integer)) or upscale < 1:
             raise InputError(f"upscale must be an integer >= 1, got {upscale!r}")
         if workers is None:
