@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .errors import InputError
 
-__all__ = ["check_integer", "check_number"]
+__all__ = ["check_integer", "check_number", "check_mapping"]
 
 
 def check_integer(value: Any, key: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
@@ -41,3 +41,15 @@ def check_number(value: Any, key: str, low: Optional[float] = None, high: Option
         bounds.append(f"{'<=' if high_inclusive else '<'} {high:g}")
     need = " " + " and ".join(bounds) if bounds else ""
     raise InputError(f"{key} must be a finite number{need}, got {value!r}")
+
+
+def check_mapping(value: Any, key: str, allowed: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """A dict copy of ``value`` (``None`` → ``{}``) whose keys are in ``allowed`` (``None``: any)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{key} must be a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise InputError(f"{key}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
+    return dict(value)

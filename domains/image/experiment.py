@@ -52,7 +52,7 @@ from energyflow.runtime import resolve_device
 from energyflow.sampling import initial_noise, sampler_from_config
 from energyflow.stages import Stage
 from energyflow.trainer import TrainerConfig
-from energyflow.validation import check_integer, check_number
+from energyflow.validation import check_integer, check_mapping as _mapping, check_number
 
 __all__ = ["ImageExperiment", "ALGOS", "ENERGIES"]
 
@@ -70,17 +70,6 @@ _CFG_DEFAULTS = {"label_dropout": 0.1}
 _ITERATIVE_DEFAULTS = {"num_samples": 2000, "steps": 500, "lr": 1e-3, "batch_size": 128}
 _GUIDANCE_DEFAULTS = {"at": "x1", "min_time": 0.1}
 _JPEG_DEFAULTS = {"quality": 75, "unit": 32.0, "upscale": 4}
-
-
-def _mapping(value: Any, key: str, allowed: Sequence[str]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InputError(f"{key} must be a mapping, got {value!r}")
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise InputError(f"{key}: unknown key(s) {unknown}; valid keys are {sorted(allowed)}")
-    return dict(value)
 
 
 def _as_list(value: Any, key: str) -> list:

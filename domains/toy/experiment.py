@@ -59,7 +59,7 @@ from energyflow.samplers import build_sampler
 from energyflow.sampling import initial_noise, sampler_from_config
 from energyflow.stages import Stage, config_key
 from energyflow.trainer import TrainerConfig
-from energyflow.validation import check_integer, check_number
+from energyflow.validation import check_integer, check_mapping as _mapping, check_number
 
 from .datasets import TOY_DATASETS, sample_toy
 from .energies import SineEnergy
@@ -93,18 +93,6 @@ def _names(value: Any, key: str, allowed: Sequence[str]) -> list[str]:
     if len(set(out)) != len(out):
         raise InputError(f"{key} lists a name twice: {out}")
     return out
-
-
-def _mapping(value: Any, key: str, allowed: Optional[Sequence[str]]) -> dict[str, Any]:
-    """A dict copy of ``value`` (``None`` → ``{}``) whose keys are in ``allowed`` (``None``: any)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InputError(f"{key} must be a mapping, got {value!r}")
-    unknown = sorted(set(value) - set(allowed)) if allowed is not None else []
-    if unknown:
-        raise InputError(f"{key}: unknown key(s) {unknown}; valid keys are {list(allowed)}")
-    return dict(value)
 
 
 class ToyExperiment(Experiment):
