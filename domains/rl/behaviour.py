@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from energyflow.errors import CorruptFileError, InputError
-from energyflow.files import append_jsonl, load_torch
+from energyflow.files import append_jsonl, atomic_open, load_torch
 from energyflow.models import MODEL_FORMAT, load_model, save_model_file
 from energyflow.nets import SquashedGaussianActor
 
 __all__ = ["SquashedGaussianActor", "train_sac", "load_actor", "CHECKPOINT_DIR", "shipped_checkpoints",
-           "resolve_actor_path"]
+           "resolve_actor_path", "save_replay_buffer"]
 
 #: The folder of the behaviour checkpoints shipped with the package (package data, so it exists in
 #: wheel installs as well as in the source tree).
@@ -174,10 +174,46 @@ def _export_actor(model, path: str, meta: dict) -> None:
     save_model_file(path, actor, meta=full)
 
 
+def save_replay_buffer(buffer, action_space, path: str) -> int:
+    """Write the filled part of a Stable-Baselines3 ``ReplayBuffer`` (one environment) as a plain
+    ``.npz`` of arrays, atomically; returns the number of transitions.
+
+    The file holds ``observations``/``next_observations`` ``[N, obs_dim]``, ``actions`` ``[N, act_dim]``
+    (in the environment's action box: SB3 stores them rescaled to [-1, 1]), ``rewards``,
+    ``terminals`` (true terminations) and ``timeouts`` (time-limit ends) ``[N]``, in the order SAC
+    collected them; an episode ends at a terminal or a timeout, and the last one may be in progress.
+    It holds no pickled objects: :func:`domains.rl.datasets.load_replay_buffer` reads it with
+    ``allow_pickle=False``.
+    """
+    if buffer.n_envs != 1:
+        raise ValueError(f"save_replay_buffer handles one environment, the buffer has {buffer.n_envs}")
+    n = buffer.buffer_size if buffer.full else buffer.pos
+    if buffer.full:  # pragma: no cover - buffers here are larger than the training run
+        raise ValueError("the replay buffer has wrapped around; raise its buffer_size")
+    low, high = np.asarray(action_space.low, np.float64), np.asarray(action_space.high, np.float64)
+    scaled = buffer.actions[:n, 0].astype(np.float64)
+    actions = (low + 0.5 * (scaled + 1.0) * (high - low)).astype(np.float32)
+    dones = buffer.dones[:n, 0].astype(bool)
+    timeouts = buffer.timeouts[:n, 0].astype(bool)
+    arrays = {"observations": buffer.observations[:n, 0].astype(np.float32),
+              "next_observations": buffer.next_observations[:n, 0].astype(np.float32),
+              "actions": actions, "rewards": buffer.rewards[:n, 0].astype(np.float32),
+              "terminals": dones & ~timeouts, "timeouts": timeouts}
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return int(n)
+
+
 def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int = 25_000, seed: int = 0,
-              eval_episodes: int = 5, learning_starts: int = 10_000, num_threads: int = 1) -> list[dict]:
+              eval_episodes: int = 5, learning_starts: int = 10_000, num_threads: int = 1,
+              save_replay: bool = False) -> list[dict]:
     """Train SAC (Stable-Baselines3 defaults) on a Gymnasium environment, saving the actor every
     ``checkpoint_every`` steps as ``<out_dir>/actor_<steps>.pt`` with its evaluation return.
+
+    With ``save_replay``, SAC's replay buffer as it stands at each checkpoint is saved beside the
+    actor as ``<out_dir>/replay_<steps>.npz`` (:func:`save_replay_buffer`): every transition SAC
+    collected up to that policy, its uniformly random start (``learning_starts``) included, which is
+    what a D4RL-style ``medium-replay`` dataset is (``energyflow data make --kind medium-replay``).
 
     Returns the list of checkpoint records (also written to ``<out_dir>/checkpoints.jsonl``).
     """
@@ -191,7 +227,8 @@ def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int
     os.makedirs(out_dir, exist_ok=True)
     env = gym.make(env_id)
     eval_env = gym.make(env_id)
-    model = SAC("MlpPolicy", env, seed=seed, learning_starts=learning_starts, verbose=0, device="cpu")
+    model = SAC("MlpPolicy", env, seed=seed, learning_starts=learning_starts, verbose=0, device="cpu",
+                buffer_size=max(int(total_steps), 1_000_000))  # SB3 default; never wraps
     hidden = [m.out_features for m in model.policy.actor.latent_pi if isinstance(m, nn.Linear)]
     meta = {"env_id": env_id, "obs_dim": int(env.observation_space.shape[0]),
             "act_dim": int(env.action_space.shape[0]), "hidden": hidden, "seed": seed}
@@ -216,6 +253,10 @@ def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int
                 rec = {"steps": self.num_timesteps, "return_mean": float(np.mean(returns)),
                        "return_std": float(np.std(returns)), "seconds": round(time.time() - start, 1), "path": path}
                 _export_actor(model, path, {**meta, "steps": self.num_timesteps, "eval_return": rec["return_mean"]})
+                if save_replay:
+                    rec["replay"] = os.path.join(out_dir, f"replay_{self.num_timesteps}.npz")
+                    rec["replay_transitions"] = save_replay_buffer(model.replay_buffer, env.action_space,
+                                                                   rec["replay"])
                 records.append(rec)
                 append_jsonl(log_path, rec)
             return True

@@ -14,7 +14,7 @@ from energyflow.errors import InputError
 
 __all__ = ["register", "cmd_data"]
 
-DATA_COMMANDS = ("train-behaviour", "make", "list", "download")
+DATA_COMMANDS = ("train-behaviour", "make", "make-replay", "list", "download")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -26,13 +26,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     command = getattr(args, "data_command", None)
     if command == "train-behaviour":
         records = behaviour.train_sac(args.env, args.steps, args.out, checkpoint_every=args.checkpoint_every,
-                                      seed=args.seed)
+                                      seed=args.seed, save_replay=args.save_replay)
         for r in records:
             print(json.dumps(r))
     elif command == "make":
         steps = args.steps_per_actor[0] if len(args.steps_per_actor) == 1 else args.steps_per_actor
         ds = datasets.make_mixed_dataset(args.dataset_id, args.actors, steps, env_id=args.env,
                                          seed=args.seed, overwrite=args.overwrite)
+        print(f"created {args.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
+    elif command == "make-replay":
+        ds = datasets.make_replay_dataset(args.dataset_id, args.replay, args.env, overwrite=args.overwrite)
         print(f"created {args.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps")
     elif command == "list":
         import minari
@@ -60,6 +63,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tb.add_argument("--out", required=True, help="folder for actor_<steps>.pt and checkpoints.jsonl")
     tb.add_argument("--checkpoint-every", type=int, default=20_000)
     tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--save-replay", action="store_true",
+                    help="also save SAC's replay buffer at each checkpoint as replay_<steps>.npz (~170 bytes per "
+                         "transition on Walker2d): the source of a medium-replay dataset")
     mk = dsub.add_parser("make", help="roll out actor checkpoints (stochastic actions) into one Minari dataset")
     mk.add_argument("dataset_id", help="e.g. energyflow/walker2d-mixed-v0 (Minari ids need -vN)")
     mk.add_argument("--actors", nargs="+", required=True,
@@ -70,6 +76,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     mk.add_argument("--env", default=None, help="Gymnasium id (default: the checkpoints')")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--overwrite", action="store_true",
+                    help="replace an existing dataset (the old one stays until the new one is complete)")
+    rp = dsub.add_parser("make-replay", help="store a SAC replay buffer (train-behaviour --save-replay) as a "
+                                             "medium-replay-style Minari dataset")
+    rp.add_argument("dataset_id", help="e.g. energyflow/walker2d-medium-replay-v0")
+    rp.add_argument("--replay", required=True, help="replay_<steps>.npz written by train-behaviour --save-replay")
+    rp.add_argument("--env", required=True, help="the Gymnasium id SAC trained on, e.g. Walker2d-v5")
+    rp.add_argument("--overwrite", action="store_true",
                     help="replace an existing dataset (the old one stays until the new one is complete)")
     dsub.add_parser("list", help="list the datasets in the local Minari store")
     dl = dsub.add_parser("download", help="download a remote Minari dataset (needs internet)")

@@ -61,6 +61,9 @@ __all__ = [
     "rollout",
     "create_minari_dataset",
     "make_mixed_dataset",
+    "load_replay_buffer",
+    "replay_episodes",
+    "make_replay_dataset",
     "normalized_score",
 ]
 
@@ -835,3 +838,106 @@ def make_mixed_dataset(dataset_id: str, actor_paths: Sequence[str], steps_per_ac
     return create_minari_dataset(dataset_id, episodes, env_id, description=description, overwrite=overwrite,
                                  env_kwargs=env_kwargs,
                                  algorithm_name="SAC checkpoints (energyflow make_mixed_dataset)")
+
+
+#: The arrays of a saved replay buffer (:func:`domains.rl.behaviour.save_replay_buffer`).
+REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def load_replay_buffer(path: str) -> dict[str, np.ndarray]:
+    """Read a replay buffer saved by :func:`domains.rl.behaviour.save_replay_buffer` (``.npz``,
+    read with ``allow_pickle=False``: nothing in it can run code), checked.
+
+    Raises:
+        DatasetNotFoundError: no such file.
+        InvalidDatasetError: not an ``.npz`` of numeric arrays, a missing key, arrays of different
+            lengths or shapes, NaN/inf values, or consecutive transitions of one episode whose
+            next observation is not the following observation; one line naming the file and key.
+    """
+    source = f"replay buffer {path}"
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"{source} not found (write one with 'energyflow data train-behaviour "
+                                   f"--save-replay')")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in REPLAY_ARRAYS if k not in f.files]
+            if missing:
+                raise InvalidDatasetError(f"{source} lacks key(s) {missing}; it has {sorted(f.files)}")
+            arrays = {k: np.asarray(f[k]) for k in REPLAY_ARRAYS}
+    except InvalidDatasetError:
+        raise
+    except (OSError, ValueError, EOFError) as err:  # not a zip, truncated, pickled objects
+        raise InvalidDatasetError(f"{source} is not a readable .npz of arrays ({' '.join(str(err).split())[:200]})") from None
+    n = len(arrays["observations"])
+    for key, value in arrays.items():
+        want = 2 if key in ("observations", "next_observations", "actions") else 1
+        if value.ndim != want or len(value) != n:
+            raise InvalidDatasetError(f"{source}: key {key!r} has shape {value.shape}; expected {want}-D with "
+                                      f"{n} rows (as 'observations')")
+    if arrays["next_observations"].shape != arrays["observations"].shape:
+        raise InvalidDatasetError(f"{source}: 'next_observations' {arrays['next_observations'].shape} does not match "
+                                  f"'observations' {arrays['observations'].shape}")
+    if n == 0:
+        raise InvalidDatasetError(f"{source} holds no transitions")
+    for key in ("terminals", "timeouts"):
+        if arrays[key].dtype != bool:
+            raise InvalidDatasetError(f"{source}: key {key!r} must be boolean, got {arrays[key].dtype}")
+    floats = {k: _as_float_array(source, k, arrays[k]) for k in ("observations", "next_observations", "actions", "rewards")}
+    _check_finite(source, **floats)
+    arrays.update(floats)
+    ends = arrays["terminals"] | arrays["timeouts"]
+    inner = ~ends[:-1]  # transition i and i + 1 belong to one episode
+    gap = np.abs(arrays["next_observations"][:-1] - arrays["observations"][1:]).max(axis=1)
+    broken = np.flatnonzero(inner & (gap > 1e-6))
+    if len(broken):
+        raise InvalidDatasetError(f"{source}: transition {int(broken[0])} continues its episode, but its next "
+                                  f"observation is not transition {int(broken[0]) + 1}'s observation "
+                                  f"({len(broken)} such breaks): not a buffer of consecutive transitions")
+    return arrays
+
+
+def replay_episodes(arrays: dict[str, np.ndarray], seed: int = 0) -> list["EpisodeBuffer"]:
+    """Cut a replay buffer's transitions (:func:`load_replay_buffer`) into Minari episode buffers:
+    an episode ends at a terminal or a timeout; the last one, still running when the buffer was
+    saved, is marked truncated.  Episode ``i`` records ``seed + i`` (SAC's resets are not seeded
+    per episode)."""
+    _require_minari()
+    from minari.data_collector import EpisodeBuffer
+
+    ends = arrays["terminals"] | arrays["timeouts"]
+    stops = list(np.flatnonzero(ends) + 1)
+    if not stops or stops[-1] != len(ends):
+        stops.append(len(ends))
+    episodes, start = [], 0
+    for i, stop in enumerate(stops):
+        sl = slice(start, stop)
+        obs = np.concatenate([arrays["observations"][sl], arrays["next_observations"][stop - 1:stop]])
+        truncs = arrays["timeouts"][sl].copy()
+        if not (arrays["terminals"][stop - 1] or truncs[-1]):
+            truncs[-1] = True  # the episode in progress when the buffer was saved
+        episodes.append(EpisodeBuffer(seed=seed + i, observations=obs, actions=arrays["actions"][sl],
+                                      rewards=arrays["rewards"][sl].astype(np.float64),
+                                      terminations=arrays["terminals"][sl].copy(), truncations=truncs))
+        start = stop
+    return episodes
+
+
+def make_replay_dataset(dataset_id: str, replay_path: str, env_id: str, overwrite: bool = False,
+                        description: Optional[str] = None) -> "MinariDataset":
+    """A D4RL-style ``medium-replay`` dataset: the replay buffer SAC saved at a checkpoint
+    (``energyflow data train-behaviour --save-replay``), every transition it collected up to that
+    policy, random start included, stored as a Minari dataset of its episodes in collection order."""
+    _check_writable(dataset_id, overwrite)
+    arrays = load_replay_buffer(replay_path)
+    probe = make_env(env_id)
+    obs_dim, act_dim = int(np.prod(probe.observation_space.shape)), int(np.prod(probe.action_space.shape))
+    probe.close()
+    if (arrays["observations"].shape[1], arrays["actions"].shape[1]) != (obs_dim, act_dim):
+        raise InputError(f"replay buffer {replay_path} (obs {arrays['observations'].shape[1]}, act "
+                         f"{arrays['actions'].shape[1]}) does not fit {env_id} (obs {obs_dim}, act {act_dim})")
+    episodes = replay_episodes(arrays)
+    if description is None:
+        description = (f"SAC replay buffer on {env_id} ({os.path.basename(replay_path)}): {len(arrays['rewards'])} "
+                       f"transitions in {len(episodes)} episodes, in collection order")
+    return create_minari_dataset(dataset_id, episodes, env_id, description=description, overwrite=overwrite,
+                                 algorithm_name="SAC replay buffer (energyflow make_replay_dataset)")
