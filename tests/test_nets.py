@@ -28,3 +28,23 @@ def test_energy_net_is_scalar_and_differentiable():
     assert f.shape == (8,)
     (grad,) = torch.autograd.grad(f.sum(), x)
     assert grad.shape == x.shape and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shared_time", [True, False])
+def test_bound_field_equals_the_field_on_repeated_conditions(shared_time):
+    """MLPField.bind(cond, M) is the field on cond.repeat_interleave(M): per-state projections once."""
+    torch.manual_seed(0)
+    net = MLPField(6, hidden=32, depth=3, cond_dim=5).eval()
+    cond, m = torch.randn(7, 5), 4
+    x = torch.randn(7 * m, 6)
+    t = torch.full((7 * m,), 0.3) if shared_time else torch.rand(7 * m)
+    with torch.no_grad():
+        want = net(x, t, cond.repeat_interleave(m, 0))
+    got = net.bind(cond, m)(x, t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="28 rows"):
+        net.bind(cond, m)(x[:-1], t[:-1])
+    with pytest.raises(ValueError, match="conditional"):
+        MLPField(6, hidden=32).bind(cond, m)
+    with pytest.raises(ValueError, match="repeats"):
+        net.bind(cond, 0)

@@ -52,7 +52,11 @@ with torch.no_grad():
             assert meta["role"] == "QGPO intermediate energy", meta["role"]
             got = {"energy": model.net(inp["x"], inp["t"], norm)}
         for key, value in want.items():
-            assert got[key].shape == value.shape and torch.equal(got[key], value), (case["file"], key)
+            # networks: bit-identical; sampling: the domain binds the state once per sample set
+            # (MLPField.bind), an equal sum in another order, so equal to float rounding
+            same = torch.equal(got[key], value) if key not in ("sample", "act") else torch.allclose(
+                got[key], value, rtol=1e-5, atol=1e-5)
+            assert got[key].shape == value.shape and same, (case["file"], key)
         print("same outputs:", case["name"], type(model.net).__name__, sorted(want))
 leaked = sorted(m for m in sys.modules if m == "domains" or m.startswith("domains."))
 assert not leaked, leaked

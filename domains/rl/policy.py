@@ -154,10 +154,15 @@ class GenerativePolicy(nn.Module):
 
         ``predictor`` replaces the policy's own (e.g. a gradient-guided one for QGPO)."""
         smp = sampler_from_config(self.sampler_cfg, sampler)
-        cond = self.normalize(obs).repeat_interleave(num, dim=0)
         # the noise of the prior the policy was trained from (drawn where the generator lives)
-        x0 = GaussianPrior().sample((cond.shape[0], self.act_dim), generator=generator).to(obs.device)
-        return smp.sample(predictor or self.predictor(), x0, cond).x.view(obs.shape[0], num, self.act_dim)
+        x0 = GaussianPrior().sample((obs.shape[0] * num, self.act_dim), generator=generator).to(obs.device)
+        if predictor is None:
+            # the state's embedding and its projections are computed once per state, not per sample
+            # and solver step (MLPField.bind): the same field, a third less work at M = 16
+            bound = Predictor(self.net.bind(self.normalize(obs), num), self.path, x1_clip=self.x1_clip)
+            return smp.sample(bound, x0, None).x.view(obs.shape[0], num, self.act_dim)
+        cond = self.normalize(obs).repeat_interleave(num, dim=0)
+        return smp.sample(predictor, x0, cond).x.view(obs.shape[0], num, self.act_dim)
 
     def clip(self, actions: Tensor) -> Tensor:
         return actions.clamp(self.action_low, self.action_high)
