@@ -229,7 +229,8 @@ def _build_sampler(sampler: Union[Sampler, dict, None]) -> Sampler:
 def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_beta: float,
                trainer: Union[TrainerConfig, dict], *, cond: Optional[Tensor] = None, group_size: Optional[int] = None,
                prediction: Optional[Prediction] = None, prior: Optional[Prior] = None, out_dir: Optional[str] = None,
-               name: str = "train") -> tuple[Trainer, TrainResult]:
+               name: str = "train", group_time: bool = True,
+               optimizer_state: Optional[dict] = None) -> tuple[Trainer, TrainResult]:
     """One round's fit: train ``model`` **in place** by EFM at ``delta_beta`` on fixed samples.
 
     ``x`` ``[N, ...]`` are samples of the current model (of ``q_{k−1}``) and ``energies`` ``[N]``
@@ -238,6 +239,11 @@ def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_
     and ``cond`` ``[N, ...]`` (the same within a group) conditions the model.  The minimiser samples
     ``q_{k−1}·exp(−Δβ E) ∝ q_k``.  Every loop of rounds calls this: :func:`iterative_tilt` with its
     own samples, QIPO's renewals (``domains/rl/qipo.py``) with a policy's actions scored by a critic.
+
+    ``group_time`` (with ``group_size``): one flow time per group (default) or per sample (see
+    :class:`~energyflow.losses.EnergyWeightedLoss`).  ``optimizer_state``: an AdamW state dict
+    (``trainer.optimizer.state_dict()`` of the previous round) to continue from instead of a fresh
+    optimiser, so that one optimiser runs across rounds.
 
     Returns:
         the :class:`~energyflow.trainer.Trainer` after ``fit()`` (its ``ema_module`` and ``model``)
@@ -249,8 +255,11 @@ def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_
     if group_size is not None:
         tensors = {key: v.reshape(-1, group_size, *v.shape[1:]) for key, v in tensors.items()}
     source = TensorBatchSource(tensors, group_size=group_size)
-    objective = EnergyWeightedLoss(path, delta_beta, prediction=prediction, group_size=group_size, prior=prior)
+    objective = EnergyWeightedLoss(path, delta_beta, prediction=prediction, group_size=group_size, prior=prior,
+                                   group_time=group_time)
     fit = Trainer(model.train(), objective, source, trainer, out_dir=out_dir, name=name)
+    if optimizer_state is not None:
+        fit.load_optimizer_state(optimizer_state)
     return fit, fit.fit()
 
 

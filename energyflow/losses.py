@@ -157,7 +157,8 @@ class FlowMatchingLoss(Objective):
         grouped).  The trainer calls this on the *global* batch before splitting it across ranks."""
         if "x0" in batch and "t" in batch:
             return batch
-        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, self.group_size, self.prior, batch.get("mask"))
+        shared = self.group_size if getattr(self, "group_time", True) else None
+        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, shared, self.prior, batch.get("mask"))
         return {**batch, "x0": x0, "t": t}
 
     def per_sample(self, net: Callable[..., Tensor], batch: dict[str, Any],
@@ -196,6 +197,9 @@ class EnergyWeightedLoss(FlowMatchingLoss):
             group; ``L = (1/G) Σ_g Σ_j w_gj ℓ_gj``.  ``None``: one softmax over the whole batch.
         nonfinite: ``"raise"`` (default) or ``"mask"`` non-finite energies (weight 0).
         prior: the noise distribution (default N(0, I)).
+        group_time: with ``group_size``, draw one flow time per group (default: the group's
+            samples are compared at one noise level) or, ``False``, one per sample.  Both are
+            unbiased for the same minimiser; they differ in variance.
 
     Metrics: ``loss``, ``ess`` (effective sample size, per group when grouped) and ``ess_fraction``.
     Under data-parallel training, whole-batch weights are normalised over the global batch.
@@ -203,9 +207,10 @@ class EnergyWeightedLoss(FlowMatchingLoss):
 
     def __init__(self, path: Path, beta: float, energy: Optional[Energy] = None,
                  prediction: Optional[Prediction] = None, group_size: Optional[int] = None,
-                 nonfinite: str = "raise", prior: Optional[Prior] = None):
+                 nonfinite: str = "raise", prior: Optional[Prior] = None, group_time: bool = True):
         super().__init__(path, prediction, prior)
         self.beta, self.energy, self.group_size, self.nonfinite = float(beta), energy, group_size, nonfinite
+        self.group_time = bool(group_time)
 
     def energies(self, batch: dict[str, Any]) -> Tensor:
         if "energy" in batch:
@@ -218,7 +223,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
     def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
                  generator: Optional[torch.Generator] = None, *, target: Any = None) -> LossOutput:
         w = energy_weights(self.energies(batch), self.beta, self.group_size, self.nonfinite, global_batch=True)
-        per = self.per_sample(net, batch, generator, self.group_size)
+        per = self.per_sample(net, batch, generator, self.group_size if self.group_time else None)
         weighted = w.weights.to(per.dtype) * per
         if self.group_size is None:
             # Σ_i w_i ℓ_i over the (global) batch; data-parallel averaging divides by the world size.

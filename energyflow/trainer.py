@@ -322,6 +322,23 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Continue from another run's optimiser (``trainer.optimizer.state_dict()`` of a model with
+        the same parameters): its moment estimates and step counts are loaded, while this trainer's
+        own settings (learning rate and schedule, betas, weight decay) are kept.  Used to run one
+        optimiser across the rounds of iterative training.
+
+        Raises:
+            ValueError: the state belongs to other parameters (other shapes or count)."""
+        keep = [{k: g[k] for k in ("lr", "initial_lr", "betas", "weight_decay") if k in g}
+                for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"the optimizer state does not fit this model's parameters ({err})") from None
+        for group, settings in zip(self.optimizer.param_groups, keep):
+            group.update(settings)
+
     def save_checkpoint(self) -> None:
         """Write ``checkpoint.pt`` atomically (main process only)."""
         if self.checkpoint_path and self.dist.is_main:

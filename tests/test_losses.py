@@ -298,3 +298,15 @@ def test_contrastive_energy_loss_gradient():
     ContrastiveEnergyLoss(VPPath(), beta, m, FunctionEnergy(_energy))(rec, {"x1": batch["x1"]},
                                                                         generator=torch.Generator().manual_seed(0))
     assert (seen["t"].view(g_count, m) == seen["t"].view(g_count, m)[:, :1]).all()
+
+
+def test_grouped_loss_draws_one_time_per_group_or_per_sample():
+    from energyflow.losses import EnergyWeightedLoss
+    from energyflow.paths import CondOTPath
+
+    batch = {"x1": torch.randn(12, 2), "energy": torch.randn(12)}
+    g = torch.Generator().manual_seed(0)
+    t_group = EnergyWeightedLoss(CondOTPath(), 1.0, group_size=4).prepare(batch, g)["t"].view(3, 4)
+    assert torch.equal(t_group, t_group[:, :1].expand(3, 4))
+    t_each = EnergyWeightedLoss(CondOTPath(), 1.0, group_size=4, group_time=False).prepare(batch, g)["t"]
+    assert len(set(t_each.tolist())) == 12

@@ -418,3 +418,39 @@ def test_evaluation_refuses_unusable_inputs_with_one_line():
         evaluate_policy(zero, "Walker2d-v5", episodes=1, ref_min=1.0, ref_max=1.0)
     with pytest.raises(InputError, match="no reference scores for CartPole-v1"):
         evaluate_policy(zero, "CartPole-v1", episodes=1)
+
+
+@pytest.mark.slow
+def test_round_variants_improve_and_kept_optimizer_continues_exactly(tmp_path):
+    """The ablation switches (one frozen Q scale, one flow time per sample, one optimiser kept across
+    rounds) each still improve on the behaviour policy; the frozen scale is measured once (round 1)
+    and reused; with a kept optimiser, 1 round then 1 more equals 2 rounds in one go."""
+    torch.set_num_threads(1)
+    data, _ = bandit()
+    variants = {"frozen": dict(q_scale="frozen"), "per_sample_time": dict(round_time="sample"),
+                "kept": dict(round_optimizer="kept")}
+    for name, kw in variants.items():
+        qipo = QIPO(data, tiny_config(**kw), str(tmp_path / "cache"), device="cpu", progress=False)
+        records = qipo.run_rounds(evaluate=lambda pol, r: {"reward": expected_reward(pol)})
+        rewards = [rec["reward"] for rec in records]
+        assert rewards[2] > rewards[0] + 0.25, (name, rewards)
+        scales = [rec["q_scale"] for rec in records[1:]]
+        assert (scales[0] > 0 and scales[0] == scales[1]) if name == "frozen" else scales == [None, None]
+    # kept optimiser: a 1-round run continued to 2 rounds equals the 2-round run above
+    step = QIPO(data, tiny_config(round_optimizer="kept", rounds=1), str(tmp_path / "steps"), device="cpu",
+                progress=False)
+    step.run_rounds()
+    cont = QIPO(data, tiny_config(round_optimizer="kept"), str(tmp_path / "steps"), device="cpu", progress=False)
+    cont.run_rounds()
+    once = QIPO(data, tiny_config(round_optimizer="kept"), str(tmp_path / "cache"), device="cpu", progress=False)
+    a = torch.load(cont.rounds_stage.file("round2/policy.pt"), weights_only=True)["state_dict"]
+    b = torch.load(once.rounds_stage.file("round2/policy.pt"), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(once.rounds_stage.file("round2/optimizer.pt"), weights_only=True)
+    assert int(state["state"][0]["step"]) == 2 * 150  # one AdamW across both rounds
+
+
+def test_round_switches_are_checked():
+    for key, bad in (("q_scale", "global"), ("round_time", "per_state"), ("round_optimizer", "reset")):
+        with pytest.raises(Exception, match=f"qipo.{key} must be one of"):
+            QIPOConfig.from_dict({key: bad})

@@ -60,6 +60,13 @@ class QIPOConfig:
         beta: inverse temperature on the group-standardised Q.
         rounds: number of support renewals; ``round_steps``: policy steps per round; ``round_states``:
             states sampled per renewal; ``round_trainer``: trainer settings for the rounds.
+        q_scale: how Q becomes an energy in the rounds: ``"group"`` standardises Q within each
+            state's M actions (every state gets a full-strength tilt); ``"frozen"`` divides the
+            centred Q by one scale, the mean within-state std of Q at the first renewal, kept for
+            all rounds (states whose actions differ only by critic noise get a weak tilt).
+        round_time: ``"group"`` (one flow time per state's group of M actions) or ``"sample"``.
+        round_optimizer: ``"fresh"`` (a new AdamW each renewal) or ``"kept"`` (one AdamW state
+            carried across the rounds).
         qgpo: the QGPO baseline's time-dependent energy network (contrastive energy prediction on the
             critic's support set, weights softmax(β·Q̃)) and its guidance ``scale``.
         checkpoint_every: stage trainers checkpoint this often (a killed stage resumes from there).
@@ -82,6 +89,9 @@ class QIPOConfig:
     round_steps: int = 1000
     round_states: int = 32000
     round_trainer: dict = field(default_factory=lambda: {"batch_size": 1024, "lr": 1e-4, "ema_decay": 0.0})
+    q_scale: str = "group"
+    round_time: str = "group"
+    round_optimizer: str = "fresh"
     qgpo: dict = field(default_factory=lambda: {"steps": 10000, "batch_size": 1024, "lr": 3e-4, "ema_decay": 0.999,
                                                 "hidden": 128, "depth": 3, "scale": 1.0})
     checkpoint_every: int = 1000
@@ -146,6 +156,10 @@ def _check_settings(v: dict[str, Any], where: str) -> dict[str, Any]:
     out = dict(v)
     if v["path"] not in ("ot", "vp"):
         raise InputError(f"{w('path')} must be 'ot' or 'vp', got {v['path']!r}")
+    for name, choices in (("q_scale", ("group", "frozen")), ("round_time", ("group", "sample")),
+                          ("round_optimizer", ("fresh", "kept"))):
+        if v[name] not in choices:
+            raise InputError(f"{w(name)} must be one of {list(choices)}, got {v[name]!r}")
     for name in ("hidden", "depth", "critic_hidden", "critic_depth", "round_steps", "round_states"):
         out[name] = check_integer(v[name], w(name), minimum=1)
     # standardising Q within a state's group needs a spread: at least two support actions
@@ -266,7 +280,9 @@ class QIPO:
         # and asking for more continues it.
         self.rounds_stage = Stage("rounds", {"beta": c.beta, "round_steps": c.round_steps,
                                              "round_states": c.round_states, "num_support": c.num_support,
-                                             "trainer": c.round_trainer, "seed": c.seed},
+                                             "trainer": c.round_trainer, "q_scale": c.q_scale,
+                                             "round_time": c.round_time, "round_optimizer": c.round_optimizer,
+                                             "seed": c.seed},
                                   cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
         # QGPO's energy net: the guidance scale is applied at sampling time only, so it is not in the key
         self.qgpo_stage = Stage("qgpo_energy", {"beta": c.beta, "num_support": c.num_support,
@@ -372,8 +388,11 @@ class QIPO:
         return torch.cat([policy.sample(obs[i:i + chunk], num, generator) for i in range(0, obs.shape[0], chunk)])
 
     # -- stage 4: the QIPO rounds ----------------------------------------------------------------------
-    def round_batch(self, policy: GenerativePolicy, critic: TwinQ, generator: torch.Generator) -> dict[str, Tensor]:
-        """One support renewal: states, M unclipped actions each from π, and energies −Q̃ ``[S, M]``."""
+    def round_batch(self, policy: GenerativePolicy, critic: TwinQ, generator: torch.Generator,
+                    scale: Optional[float] = None) -> dict[str, Tensor]:
+        """One support renewal: states, M unclipped actions each from π, and energies −Q̃ ``[S, M]``:
+        Q standardised within each state's group, or (``scale`` given, ``q_scale="frozen"``) Q
+        centred within the group and divided by ``scale``."""
         d, m = self.data, self.cfg.num_support
         idx = torch.randint(len(d), (min(self.cfg.round_states, len(d)),), generator=generator)
         obs = d.observations[idx].to(self.device)
@@ -381,8 +400,9 @@ class QIPO:
         obs_n = self._norm(obs)
         with torch.no_grad():
             q = critic.min_q_groups(obs_n, policy.clip(actions))
+        q_tilde = standardize_within_groups(q) if scale is None else (q - q.mean(1, keepdim=True)) / scale
         return {"x1": actions.cpu(), "cond": obs_n.unsqueeze(1).expand(-1, m, -1).cpu(),
-                "energy": (-standardize_within_groups(q)).cpu(), "q": q.cpu()}
+                "energy": (-q_tilde).cpu(), "q": q.cpu()}
 
     def _round_records(self, log_path: str) -> list[dict]:
         """The records of ``rounds.jsonl``, checked to be rounds 0, 1, 2, … in order."""
@@ -426,18 +446,30 @@ class QIPO:
             for r in range(records[-1]["round"] + 1, self.cfg.rounds + 1):
                 start = time.perf_counter()
                 g.manual_seed(self.cfg.seed + 7919 * r)
-                batch = self.round_batch(policy.eval(), critic, g)
+                scale = records[1]["q_scale"] if self.cfg.q_scale == "frozen" and r > 1 else None
+                batch = self.round_batch(policy.eval(), critic, g, scale)
+                if self.cfg.q_scale == "frozen" and r == 1:
+                    # the frozen scale: the mean within-state std of Q over the first renewal's support
+                    q = batch["q"]
+                    scale = float(q.std(1).mean().clamp_min(1e-3))
+                    batch["energy"] = -(q - q.mean(1, keepdim=True)) / scale
                 round_dir = stage.file(f"round{r}")
+                state = None
+                if self.cfg.round_optimizer == "kept" and r > 1:
+                    state = self._optimizer_state(stage.file(f"round{r - 1}/optimizer.pt"))
                 # one round of iterative EFM (energyflow.iterative.fit_tilted): pi_r ∝ pi_{r-1}·exp(β Q̃)
                 # within each state's group, trained in place (no EMA: ema_decay 0 in round_trainer)
                 m = self.cfg.num_support
-                _, result = fit_tilted(policy, policy.path, batch["x1"].flatten(0, 1), batch["energy"].flatten(),
+                fit, result = fit_tilted(policy, policy.path, batch["x1"].flatten(0, 1), batch["energy"].flatten(),
                                        self.cfg.beta,
                                        self._trainer_config(self.cfg.round_trainer, steps=self.cfg.round_steps,
                                                             seed=self.cfg.seed + r, resume=False),
-                                       cond=batch["cond"].flatten(0, 1), group_size=m, out_dir=round_dir, name="qipo")
+                                       cond=batch["cond"].flatten(0, 1), group_size=m, out_dir=round_dir, name="qipo",
+                                       group_time=self.cfg.round_time == "group", optimizer_state=state)
                 save_weights(policy, os.path.join(round_dir, "policy.pt"), {"qipo_round": r})
-                record = {"round": r, "q_support_mean": float(batch["q"].mean()),
+                if self.cfg.round_optimizer == "kept":
+                    atomic_torch_save(fit.optimizer.state_dict(), os.path.join(round_dir, "optimizer.pt"))
+                record = {"round": r, "q_support_mean": float(batch["q"].mean()), "q_scale": scale,
                           "ess_fraction": result.metrics.get("qipo/ess_fraction"), "loss": result.metrics.get("qipo/loss"),
                           "train_seconds": round(time.perf_counter() - start, 2)}
                 if evaluate is not None:
@@ -448,6 +480,16 @@ class QIPO:
             stage.finish({"rounds": len(chain) - 1,  # the renewals' compute time (sampling and training)
                           "seconds": round(sum(rec.get("train_seconds", 0.0) for rec in chain), 2)})
         return records
+
+    def _optimizer_state(self, path: str) -> dict:
+        redo = f"delete {self.rounds_stage.folder} to redo the rounds"
+        try:
+            state = load_torch(path, what="QIPO round optimizer state")
+        except InputError as err:
+            raise type(err)(f"{err}; {redo}") from None
+        if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
+            raise CorruptFileError(f"QIPO round optimizer state {path} is not an optimizer state dict; {redo}")
+        return state
 
     def final_policy_file(self, records: list[dict]) -> str:
         """The weights file of the last of ``records`` (``run_rounds``' result): a round's policy, or μ's."""
