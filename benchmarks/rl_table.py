@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-NAMES = {"qipo_ot": "QIPO-OT", "qipo_diff": "QIPO-Diff", "qgpo": "QGPO", "bc": "BC"}
+NAMES = {"qipo_ot": "QIPO-OT", "qipo_diff": "QIPO-Diff", "qgpo": "QGPO", "bc": "BC", "qipo_onestep": "QIPO one-step"}
 
 
 def load(run_dir: str) -> dict:

@@ -40,6 +40,7 @@ __all__ = [
     "EnergyWeightedLoss",
     "ContrastiveEnergyLoss",
     "ClassificationLoss",
+    "OneStepDistillationLoss",
     "energy_weighted_flow_matching",
     "energy_weighted_diffusion",
     "draw_noise_and_time",
@@ -299,3 +300,47 @@ class ClassificationLoss(Objective):
         loss = per.mean()
         accuracy = (logits.detach().argmax(1) == labels).float().mean()
         return LossOutput(loss=loss, per_sample=per, metrics={"loss": loss.detach(), "accuracy": accuracy})
+
+
+class OneStepDistillationLoss(Objective):
+    """Distil a flow (or diffusion) model into a one-step generator: a *flow-map* regression.
+
+    The teacher's sampler is a deterministic map from noise to data, ``x1 = Φ(x0 | cond)``; the
+    student ``net`` learns it in one evaluation, parameterised as one Euler step of a velocity
+    field on the OT path: ``x̂1 = x0 + net(x0, t=0, cond)``.  So the student is an ordinary
+    velocity model whose sampler is Euler with **1 step**: it is saved, loaded and sampled like
+    any other model (initialising it with the teacher's weights starts it at the teacher's own
+    one-step Euler).  ``L = mean ‖x0 + net(x0, 0, cond) − Φ(x0 | cond)‖²``; its minimiser is Φ
+    itself, so the student's samples have the teacher's distribution (not only its mean).
+
+    Args:
+        teacher: ``teacher(x0, cond) -> x1``, the teacher's sampler from given noise (no gradient
+            is taken through it).
+        prior: the noise distribution (default N(0, I)); the teacher's.
+
+    Batch keys: ``x1`` (any data batch: only its shape and device are used; the targets are the
+    teacher's), ``cond`` (optional).  :meth:`prepare` draws the noise and the teacher's targets on
+    the global batch (keys ``x0`` and ``target``).
+    """
+
+    def __init__(self, teacher: Callable[[Tensor, Any], Tensor], prior: Optional[Prior] = None):
+        self.teacher = teacher
+        self.prior: Prior = prior or GaussianPrior()
+
+    def prepare(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+        if "x0" in batch and "target" in batch:
+            return batch
+        x1 = batch["x1"]
+        x0 = self.prior.sample(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        with torch.no_grad():
+            target = self.teacher(x0, batch.get("cond"))
+        return {**batch, "x0": x0, "target": target.detach()}
+
+    def __call__(self, net: Callable[..., Tensor], batch: dict[str, Any],
+                 generator: Optional[torch.Generator] = None, *, target: Any = None) -> LossOutput:
+        batch = self.prepare(batch, generator)
+        x0 = batch["x0"]
+        pred = x0 + net(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype), batch.get("cond"))
+        per = masked_mean_per_sample((pred - batch["target"]).square(), None)
+        loss = per.mean()
+        return LossOutput(loss=loss, per_sample=per.detach(), metrics={"loss": loss.detach()})

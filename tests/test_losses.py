@@ -310,3 +310,27 @@ def test_grouped_loss_draws_one_time_per_group_or_per_sample():
     assert torch.equal(t_group, t_group[:, :1].expand(3, 4))
     t_each = EnergyWeightedLoss(CondOTPath(), 1.0, group_size=4, group_time=False).prepare(batch, g)["t"]
     assert len(set(t_each.tolist())) == 12
+
+
+def test_one_step_distillation_learns_the_teachers_flow_map():
+    """Known answer: the teacher's map is affine, x1 = A x0 + b (N(0, I) → N(b, AAᵀ)); the one-step
+    student x0 + net(x0, 0) must reproduce it on fresh noise, so its samples have the teacher's law."""
+    from energyflow.data import TensorBatchSource
+    from energyflow.losses import OneStepDistillationLoss
+    from energyflow.nets import MLPField
+    from energyflow.trainer import Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    A, b = torch.tensor([[2.0, 0.5], [0.0, 0.5]]), torch.tensor([1.0, -1.0])
+    teacher = lambda x0, cond: x0 @ A.T + b  # noqa: E731
+    net = MLPField(2, hidden=64, depth=2)
+    source = TensorBatchSource({"x1": torch.zeros(4096, 2)})
+    Trainer(net, OneStepDistillationLoss(teacher), source,
+            TrainerConfig(steps=1500, batch_size=256, lr=2e-3, ema_decay=0.0, progress=False, device="cpu",
+                          log_every=10**9, checkpoint_every=0)).fit()
+    x0 = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x1 = x0 + net(x0, torch.zeros(4000))
+    err = (x1 - teacher(x0, None)).norm(dim=1).mean()
+    assert err < 0.05, err
+    torch.testing.assert_close(torch.cov(x1.T), A @ A.T, atol=0.1, rtol=0.05)

@@ -454,3 +454,32 @@ def test_round_switches_are_checked():
     for key, bad in (("q_scale", "global"), ("round_time", "per_state"), ("round_optimizer", "reset")):
         with pytest.raises(Exception, match=f"qipo.{key} must be one of"):
             QIPOConfig.from_dict({key: bad})
+
+
+@pytest.mark.slow
+def test_one_step_policy_matches_its_teacher_in_one_evaluation(tmp_path):
+    """algo=qipo_onestep: the final QIPO-OT policy distilled into one Euler step acts as well as the
+    10-step teacher on the bandit, and is cached (a second call trains nothing)."""
+    torch.set_num_threads(1)
+    data, _ = bandit()
+    qipo = QIPO(data, tiny_config(onestep={"steps": 600, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.99}),
+                str(tmp_path), device="cpu", progress=False)
+    records = qipo.run_rounds()
+    teacher = qipo.new_policy()
+    teacher.load_record(torch.load(qipo.final_policy_file(records), weights_only=True))
+    student = qipo.onestep(records)
+    assert student.sampler_cfg == {"name": "euler", "steps": 1}
+    r_teacher, r_student = expected_reward(teacher.eval()), expected_reward(student)
+    assert abs(r_student - r_teacher) < 0.02, (r_teacher, r_student)
+    # the student has the teacher's law, not only its mean: the same spread of actions per state.  (The
+    # teacher's own single Euler step, where the student starts, gives the policy's mean action instead.)
+    one_euler = qipo.new_policy(sampler={"name": "euler", "steps": 1})
+    one_euler.load_state_dict(teacher.state_dict())
+    s = torch.rand(64, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    spread = {name: float(p.eval().sample(s, 256, torch.Generator().manual_seed(4)).std(1).mean())
+              for name, p in (("teacher", teacher), ("student", student), ("euler1", one_euler))}
+    print("expected reward: teacher", r_teacher, "student", r_student, "| action spread per state", spread)
+    assert abs(spread["student"] / spread["teacher"] - 1) < 0.2 and spread["euler1"] < 0.6 * spread["teacher"], spread  # measured 0.172, 0.172, 0.091
+    done = os.path.getmtime(qipo.onestep_stage(2).file("done.json"))
+    qipo.onestep(records)
+    assert os.path.getmtime(qipo.onestep_stage(2).file("done.json")) == done

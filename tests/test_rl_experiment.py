@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("minari")
 from domains.rl.experiment import OfflineRLExperiment  # noqa: E402
@@ -20,7 +21,8 @@ ACTORS = [os.path.join(CHECKPOINTS, f"walker2d_sac_{k}.pt") for k in ("020k", "1
 TINY_QIPO = {"hidden": 32, "depth": 2, "num_support": 4, "critic_hidden": 32,
              "behaviour": {"steps": 30, "batch_size": 64}, "critic": {"steps": 30, "batch_size": 64},
              "critic_states": 256, "rounds": 2, "round_steps": 5, "round_states": 64,
-             "round_trainer": {"batch_size": 64}, "qgpo": {"steps": 10, "batch_size": 64, "hidden": 32, "depth": 2}}
+             "round_trainer": {"batch_size": 64}, "qgpo": {"steps": 10, "batch_size": 64, "hidden": 32, "depth": 2},
+             "onestep": {"steps": 5, "batch_size": 64}}
 
 
 def tiny(algo, cache, **kw):
@@ -35,12 +37,12 @@ def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     cache = tmp_path / "cache"
     results = {}
-    for algo in ("qipo_ot", "bc", "qipo_diff", "qgpo"):
+    for algo in ("qipo_ot", "bc", "qipo_diff", "qgpo", "qipo_onestep"):
         run_dir = tmp_path / algo
         run_dir.mkdir()
         experiment = tiny(algo, cache)
         results[algo] = experiment.run(str(run_dir))
-        if algo in ("qipo_ot", "qgpo"):  # `energyflow eval`: reloading the final policy reproduces the last score
+        if algo in ("qipo_ot", "qgpo", "qipo_onestep"):  # `energyflow eval`: reloading the final policy reproduces the last score
             again = experiment.evaluate(str(run_dir))
             assert [again["per_seed"][str(s)]["normalized_score"] for s in (0, 1)] == results[algo]["last"]["per_seed"]
         assert (run_dir / "learning_curve.png").exists()
@@ -51,6 +53,12 @@ def test_all_algorithms_share_cached_stages(tmp_path, monkeypatch):
     # QIPO-OT: 3 evaluations per seed (behaviour + 2 renewals); BC = QIPO-OT's round 0, same cached model
     assert len(results["qipo_ot"]["curves"]["0"]) == 3
     assert results["bc"]["last"]["per_seed"] == [c[0] for c in results["qipo_ot"]["curves"].values()]
+    # the one-step policy: QIPO-OT's cached rounds, then one more record (the distilled policy)
+    for seed, curve in results["qipo_onestep"]["curves"].items():
+        assert len(curve) == 4 and curve[:3] == results["qipo_ot"]["curves"][seed]
+    assert len([d for d in os.listdir(cache) if d.startswith("rounds-")]) == 4  # ot and vp × 2 seeds
+    student = torch.load(tmp_path / "qipo_onestep" / "seed0" / "policy.pt", weights_only=True)
+    assert student["meta"]["sampler"] == {"name": "euler", "steps": 1} and student["meta"]["distilled_from_round"] == 2
     behaviour_dirs = [d for d in os.listdir(cache) if d.startswith("behaviour-")]
     assert len(behaviour_dirs) == 4  # (ot, vp) × 2 seeds: BC reused QIPO-OT's, QGPO reused QIPO-Diff's
     assert len([d for d in os.listdir(cache) if d.startswith("qgpo_energy-")]) == 2

@@ -24,7 +24,7 @@ from energyflow.files import check_writable, copy_file, read_json, write_json, w
 
 __all__ = ["OfflineRLExperiment", "ALGOS"]
 
-ALGOS = ("qipo_ot", "qipo_diff", "qgpo", "bc")
+ALGOS = ("qipo_ot", "qipo_diff", "qgpo", "bc", "qipo_onestep")
 
 
 def _seed_list(seeds: Any) -> list[int]:
@@ -48,7 +48,8 @@ class OfflineRLExperiment(Experiment):
         env_id: the Gymnasium environment evaluated on (e.g. ``"Walker2d-v5"``).
         dataset: a Minari id, a D4RL ``.hdf5`` path, or ``"default"`` (the dataset built from the
             behaviour checkpoints shipped with the package, created in the local Minari store on first use).
-        algo: ``qipo_ot``, ``qipo_diff``, ``qgpo`` or ``bc``.
+        algo: ``qipo_ot``, ``qipo_diff``, ``qgpo``, ``bc``, or ``qipo_onestep`` (QIPO-OT, then its
+            final policy distilled into one network evaluation per action; its last record).
         qipo: :class:`~domains.rl.qipo.QIPOConfig` fields (``path`` is set from ``algo``, ``seed``
             from ``seeds``).
         seeds: the seeds to run (results are mean ± std over them).
@@ -213,8 +214,19 @@ class OfflineRLExperiment(Experiment):
             records = qipo.run_rounds(evaluate=self._evaluator(data))
             timings["rounds"] = round(time.perf_counter() - t0, 1)
             stages.update({"critic": qipo.critic_stage, "rounds": qipo.rounds_stage})
+        final_file = qipo.final_policy_file(records)
+        if self.algo == "qipo_onestep":
+            t0 = time.perf_counter()
+            student = qipo.onestep(records)
+            timings["onestep"] = round(time.perf_counter() - t0, 1)
+            stage = qipo.onestep_stage(records[-1]["round"])
+            stages["onestep"] = stage
+            final_file = stage.file("policy.pt")
+            print("  one-step policy (distilled from the last round):")
+            records = records + [{"round": records[-1]["round"] + 1, "policy": "onestep",
+                                  **self._evaluator(data)(student, records[-1]["round"] + 1)}]
         write_text("".join(json.dumps(r) + "\n" for r in records), os.path.join(seed_dir, "evals.jsonl"))
-        copy_file(qipo.final_policy_file(records), os.path.join(seed_dir, "policy.pt"))
+        copy_file(final_file, os.path.join(seed_dir, "policy.pt"))
         if self.algo == "qgpo":
             copy_file(qipo.qgpo_stage.file("energy.pt"), os.path.join(seed_dir, "qgpo_energy.pt"))
         # paths relative to the run directory; stages by their folder name in the cache (never absolute)
@@ -234,7 +246,7 @@ class OfflineRLExperiment(Experiment):
         from energyflow.runtime import resolve_device
 
         from .policy import load_weights
-        from .qipo import guided_predictor, make_energy_net, make_policy
+        from .qipo import ONE_STEP_SAMPLER, guided_predictor, make_energy_net, make_policy
 
         check_writable(run_dir, what="run directory")  # eval.json goes there: fail before the work
         summaries = {}
@@ -256,7 +268,8 @@ class OfflineRLExperiment(Experiment):
                                      f"(written by an unfinished or older run); rerun the recipe")
                 return os.path.join(run_dir, rel)
 
-            policy = make_policy(cfg, data.obs_dim, data.act_dim).to(device)
+            policy = make_policy(cfg, data.obs_dim, data.act_dim,
+                                 sampler=ONE_STEP_SAMPLER if self.algo == "qipo_onestep" else None).to(device)
             load_weights(policy, weights_file("final_policy"), f"final policy of seed {seed}", map_location=device)
             predictor_fn = None
             if self.algo == "qgpo":

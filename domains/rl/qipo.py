@@ -28,8 +28,10 @@ from energyflow.errors import CorruptFileError, InputError
 from energyflow.files import append_jsonl, atomic_torch_save, load_torch, read_jsonl
 from energyflow.guidance import CEPGuidedPredictor
 from energyflow.iterative import fit_tilted
-from energyflow.losses import ContrastiveEnergyLoss, FlowMatchingLoss
+from energyflow.losses import ContrastiveEnergyLoss, FlowMatchingLoss, OneStepDistillationLoss
 from energyflow.nets import MLPEnergyNet
+from energyflow.predictor import Predictor
+from energyflow.sampling import sampler_from_config
 from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import Trainer, TrainerConfig
 from energyflow.validation import check_integer, check_number
@@ -38,7 +40,7 @@ from .critic import InSupportCriticLoss, TwinQ
 from .datasets import Transitions
 from .policy import GenerativePolicy, load_weights, save_weights
 
-__all__ = ["QIPOConfig", "QIPO", "standardize_within_groups", "transitions_fingerprint", "make_policy",
+__all__ = ["QIPOConfig", "QIPO", "ONE_STEP_SAMPLER", "standardize_within_groups", "transitions_fingerprint", "make_policy",
            "make_energy_net", "energy_meta", "guided_predictor"]
 
 TRANSITION_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "episode_ids")
@@ -67,6 +69,9 @@ class QIPOConfig:
         round_time: ``"group"`` (one flow time per state's group of M actions) or ``"sample"``.
         round_optimizer: ``"fresh"`` (a new AdamW each renewal) or ``"kept"`` (one AdamW state
             carried across the rounds).
+        onestep: trainer settings of the one-step policy (``algo=qipo_onestep``): the final QIPO-OT
+            policy distilled into one network evaluation per action
+            (:class:`~energyflow.losses.OneStepDistillationLoss`).
         qgpo: the QGPO baseline's time-dependent energy network (contrastive energy prediction on the
             critic's support set, weights softmax(β·Q̃)) and its guidance ``scale``.
         checkpoint_every: stage trainers checkpoint this often (a killed stage resumes from there).
@@ -92,6 +97,7 @@ class QIPOConfig:
     q_scale: str = "group"
     round_time: str = "group"
     round_optimizer: str = "fresh"
+    onestep: dict = field(default_factory=lambda: {"steps": 3000, "batch_size": 1024, "lr": 3e-4, "ema_decay": 0.999})
     qgpo: dict = field(default_factory=lambda: {"steps": 10000, "batch_size": 1024, "lr": 3e-4, "ema_decay": 0.999,
                                                 "hidden": 128, "depth": 3, "scale": 1.0})
     checkpoint_every: int = 1000
@@ -175,6 +181,7 @@ def _check_settings(v: dict[str, Any], where: str) -> dict[str, Any]:
     out["behaviour"] = _trainer_settings(v["behaviour"], w("behaviour"))
     out["critic"] = _trainer_settings(v["critic"], w("critic"))
     out["round_trainer"] = _trainer_settings(v["round_trainer"], w("round_trainer"), refused=_SET_PER_ROUND)
+    out["onestep"] = _trainer_settings(v["onestep"], w("onestep"))
     positive = lambda x, at: check_integer(x, at, minimum=1)  # noqa: E731
     out["qgpo"] = _trainer_settings(v["qgpo"], w("qgpo"), extra={"hidden": positive, "depth": positive,
                                                               "scale": lambda x, at: check_number(x, at, 0.0)})
@@ -195,10 +202,16 @@ def transitions_fingerprint(data: Transitions) -> dict[str, str]:
     return {name: fingerprint(getattr(data, name)) for name in TRANSITION_ARRAYS}
 
 
+#: The one-step policy's sampler: one Euler step of its field from t = 0 (see OneStepDistillationLoss).
+ONE_STEP_SAMPLER = {"name": "euler", "steps": 1}
+
+
 def make_policy(cfg: QIPOConfig, obs_dim: int, act_dim: int, obs_mean: Optional[Tensor] = None,
-                obs_std: Optional[Tensor] = None) -> GenerativePolicy:
-    """An untrained policy shaped as ``cfg`` says (the normalisation is part of its saved weights)."""
-    return GenerativePolicy(obs_dim, act_dim, cfg.path, cfg.hidden, cfg.depth, obs_mean=obs_mean, obs_std=obs_std)
+                obs_std: Optional[Tensor] = None, sampler: Optional[dict] = None) -> GenerativePolicy:
+    """An untrained policy shaped as ``cfg`` says (the normalisation is part of its saved weights);
+    ``sampler`` overrides the path's default (``ONE_STEP_SAMPLER`` for the one-step policy)."""
+    return GenerativePolicy(obs_dim, act_dim, cfg.path, cfg.hidden, cfg.depth, obs_mean=obs_mean, obs_std=obs_std,
+                            sampler=sampler)
 
 
 def make_energy_net(cfg: QIPOConfig, obs_dim: int, act_dim: int) -> MLPEnergyNet:
@@ -290,8 +303,9 @@ class QIPO:
                                 self.cache_dir, upstream=[self.behaviour_stage, self.critic_stage])
 
     # -- builders ------------------------------------------------------------------------------------
-    def new_policy(self) -> GenerativePolicy:
-        return make_policy(self.cfg, self.data.obs_dim, self.data.act_dim, self.obs_mean, self.obs_std).to(self.device)
+    def new_policy(self, sampler: Optional[dict] = None) -> GenerativePolicy:
+        return make_policy(self.cfg, self.data.obs_dim, self.data.act_dim, self.obs_mean, self.obs_std,
+                           sampler).to(self.device)
 
     def new_critic(self) -> TwinQ:
         return TwinQ(self.data.obs_dim, self.data.act_dim, self.cfg.critic_hidden, self.cfg.critic_depth).to(self.device)
@@ -495,6 +509,50 @@ class QIPO:
         """The weights file of the last of ``records`` (``run_rounds``' result): a round's policy, or μ's."""
         last = records[-1]["round"] if records else 0
         return self.rounds_stage.file(f"round{last}/policy.pt") if last > 0 else self.behaviour_stage.file("policy.pt")
+
+    # -- the one-step policy ---------------------------------------------------------------------------
+    def onestep_stage(self, teacher_round: int) -> Stage:
+        """The stage of the one-step policy distilled from round ``teacher_round``'s policy."""
+        return Stage("onestep", {"teacher_round": int(teacher_round), "trainer": self.cfg.onestep, "seed": self.cfg.seed},
+                     self.cache_dir, upstream=[self.behaviour_stage, self.critic_stage, self.rounds_stage])
+
+    def onestep(self, records: list[dict]) -> GenerativePolicy:
+        """The final policy of ``records`` (``run_rounds``' result) distilled into a policy that acts
+        in one network evaluation (``algo=qipo_onestep``): a flow-map regression onto the teacher's
+        own sampler (:class:`~energyflow.losses.OneStepDistillationLoss`), from the teacher's
+        weights, on the dataset's states; the student samples with :data:`ONE_STEP_SAMPLER`."""
+        if self.cfg.path != "ot":
+            raise InputError("the one-step policy distils a QIPO-OT policy (path 'ot')")
+        teacher_round = records[-1]["round"] if records else 0
+        stage = self.onestep_stage(teacher_round)
+        teacher_file = self.final_policy_file(records)
+
+        def train(out_dir: str) -> dict:
+            teacher = load_weights(self.new_policy(), teacher_file, f"policy of QIPO round {teacher_round}",
+                                   map_location=self.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            smp = sampler_from_config(teacher.sampler_cfg)
+
+            def flow_map(x0: Tensor, cond: Tensor) -> Tensor:
+                bound = Predictor(teacher.net.bind(cond, 1), teacher.path, x1_clip=teacher.x1_clip)
+                return smp.sample(bound, x0, None).x
+
+            torch.manual_seed(self.cfg.seed)
+            student = self.new_policy(sampler=ONE_STEP_SAMPLER)
+            student.load_state_dict(teacher.state_dict())
+            d = self.data
+            source = TensorBatchSource({"x1": d.actions, "cond": self._norm(d.observations)})
+            trainer = Trainer(student, OneStepDistillationLoss(flow_map), source,
+                              self._trainer_config(self.cfg.onestep), out_dir=out_dir, name="onestep")
+            result = trainer.fit()
+            student.load_state_dict(trainer.ema_module.state_dict())
+            save_weights(student, os.path.join(out_dir, "policy.pt"), {"distilled_from_round": teacher_round})
+            return {"final": result.metrics}
+
+        stage.run(train)
+        student = self.new_policy(sampler=ONE_STEP_SAMPLER)
+        return self._load(student, stage, "policy.pt", "one-step policy").eval()
 
     # -- the QGPO baseline --------------------------------------------------------------------------
     def qgpo_predictor(self, behaviour: Optional[GenerativePolicy] = None) -> CEPGuidedPredictor:
