@@ -1,7 +1,8 @@
 """Action-sampling time per state: QIPO-OT and QIPO-Diff against QGPO, at their default step counts,
 measured side by side in one run (Walker2d sizes: 17-d states, 6-d actions, MLPs 128×3 as in the recipe).
 
-QIPO-OT: Euler, 10 steps, no gradient.  QIPO-Diff: DPM-Solver, 15 steps.  QGPO: the same VP
+QIPO-OT: Euler, 10 steps, no gradient.  QIPO one-step (algo=qipo_onestep): the distilled policy,
+one Euler step, i.e. one network evaluation per action.  QIPO-Diff: DPM-Solver, 15 steps.  QGPO: the same VP
 behaviour model and DPM-Solver steps, plus a time-dependent energy network whose input gradient
 is added at every step (one forward and one backward pass more per step).
 
@@ -41,7 +42,9 @@ def main() -> None:
     energy = MLPEnergyNet(6, hidden=args.hidden, depth=3, cond_dim=17).to(device).eval()
     qgpo = CEPGuidedPredictor(vp.predictor(), energy, scale=1.0)
     obs = torch.randn(args.states, 17, device=device)
-    runs = {"qipo_ot": lambda: ot.act(obs), "qipo_diff": lambda: vp.act(obs), "qgpo": lambda: vp.act(obs, predictor=qgpo)}
+    onestep = GenerativePolicy(17, 6, "ot", hidden=args.hidden, sampler={"name": "euler", "steps": 1}).to(device).eval()
+    runs = {"qipo_ot": lambda: ot.act(obs), "qipo_diff": lambda: vp.act(obs), "qgpo": lambda: vp.act(obs, predictor=qgpo),
+            "qipo_onestep": lambda: onestep.act(obs)}
     for n in args.ot_steps:
         runs[f"qipo_ot@{n}"] = lambda n=n: ot.act(obs, sampler={"steps": n})
     times = {k: [] for k in runs}
@@ -61,6 +64,7 @@ def main() -> None:
     for k in runs:
         print(f"{k:12s} {med[k] * 1e6:9.1f} us per state   QGPO/{k} = {med['qgpo'] / med[k]:.2f}x")
     print(f"QIPO-OT vs QGPO: {100 * (1 - med['qipo_ot'] / med['qgpo']):.0f}% less time (goal: >= 5x faster)")
+    print(f"QIPO one-step vs QGPO: {med['qgpo'] / med['qipo_onestep']:.1f}x faster per state (goal: >= 30x)")
 
 
 if __name__ == "__main__":
