@@ -243,3 +243,15 @@ def test_a_copied_run_directory_evaluates_without_the_cache(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "refusing to load" in err and str(energy) in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
+
+
+def test_scores_are_normalised_by_d4rl_references_whatever_the_dataset_says():
+    from types import SimpleNamespace
+
+    from domains.rl.datasets import REF_SCORES
+
+    data = SimpleNamespace(ref_min_score=0.0, ref_max_score=100.0)  # e.g. a Minari dataset's own references
+    walker = OfflineRLExperiment(env_id="Walker2d-v5", algo="bc")
+    assert walker.reference_scores(data) == REF_SCORES["Walker2d"]
+    other = OfflineRLExperiment(env_id="Pendulum-v1", algo="bc")  # D4RL has no references: the dataset's
+    assert other.reference_scores(data) == (0.0, 100.0)

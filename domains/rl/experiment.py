@@ -166,8 +166,22 @@ class OfflineRLExperiment(Experiment):
         return QIPO(data, self._config(seed), cache_dir, device=self.device, progress=self.progress,
                     fingerprints=fingerprints, reward_scale=self.reward_scale)
 
+    def reference_scores(self, data) -> tuple[Optional[float], Optional[float]]:
+        """The ``(random, expert)`` returns that normalise scores: D4RL's for the evaluated
+        environment whenever D4RL has them (:data:`~domains.rl.datasets.REF_SCORES`), whatever the
+        dataset's metadata says (Minari's remote datasets carry their own, different references);
+        the dataset's only for environments D4RL does not cover."""
+        from .datasets import ref_scores_for
+
+        try:
+            return ref_scores_for(self.env_id)
+        except KeyError:
+            return data.ref_min_score, data.ref_max_score
+
     def _evaluator(self, data, predictor_fn=None, sampler: Optional[dict] = None):
         from .evaluate import evaluate_policy
+
+        ref_min, ref_max = self.reference_scores(data)
 
         def evaluate(policy, rnd: int) -> dict:
             g = torch.Generator().manual_seed(self.eval_seed)
@@ -176,7 +190,7 @@ class OfflineRLExperiment(Experiment):
             res = evaluate_policy(lambda obs: policy.act(obs.to(policy.obs_mean.device), g, predictor=predictor,
                                                          sampler=sampler),
                                   self.env_id, self.eval_episodes, self.eval_seed,
-                                  data.ref_min_score, data.ref_max_score)
+                                  ref_min, ref_max)
             where = f"round {rnd}" if rnd >= 0 else "final policy"
             print(f"  {where}: normalised score {res.score_mean:.1f} ± {res.score_std:.1f}")
             return {**res.as_dict(), "eval_seconds": round(time.perf_counter() - start, 2)}
