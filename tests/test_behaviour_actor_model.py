@@ -32,9 +32,9 @@ from energyflow.models import load_model
 from energyflow.nets import SquashedGaussianActor
 
 refs = torch.load(sys.argv[1], weights_only=True)
-obs = refs["obs"]
 with torch.no_grad():
     for case in refs["cases"]:
+        obs = refs["obs"][:, :case["meta"]["obs_dim"]]
         model = load_model(case["file"])
         net = model.net
         assert type(net) is SquashedGaussianActor and not net.training, type(net)
@@ -81,16 +81,17 @@ def test_the_actor_is_the_core_registered_network():
 
 def test_shipped_checkpoints_load_without_the_domain_and_act_the_same(tmp_path):
     shipped = shipped_checkpoints()
-    assert len(shipped) == 5
-    obs = torch.randn(32, 17, generator=torch.Generator().manual_seed(123))
+    envs = {"walker2d": ("Walker2d-v5", 5), "halfcheetah": ("HalfCheetah-v5", 2), "hopper": ("Hopper-v5", 1)}
+    assert {p: sum(n.startswith(p + "_") for n in shipped) for p in envs} == {p: k for p, (_, k) in envs.items()}
+    obs = torch.randn(32, 17, generator=torch.Generator().manual_seed(123))  # the first obs_dim columns per env
     cases = []
     for name, path in shipped.items():
         record = torch.load(path, weights_only=True)
         assert record["format"] == "energyflow-model/1" and record["class"] == "energyflow.SquashedGaussianActor"
         assert record["init"]["hidden"] == [256, 256] and record["sample_shape"] is None
         actor, meta = load_actor(name)
-        assert meta == record["meta"] and meta["env_id"] == "Walker2d-v5"
-        det, noisy = actions(actor, obs)
+        assert meta == record["meta"] and meta["env_id"] == envs[name.split("_")[0]][0]
+        det, noisy = actions(actor, obs[:, :meta["obs_dim"]])
         assert not torch.equal(det, noisy)
         cases.append({"name": name, "file": str(path), "meta": meta, "deterministic": det, "stochastic": noisy})
     refs = tmp_path / "refs.pt"

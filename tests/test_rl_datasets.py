@@ -508,14 +508,17 @@ def test_bad_actor_files(tmp_path):
 
 def test_shipped_checkpoints_load_weights_only_and_act_deterministically():
     shipped = shipped_checkpoints()
-    assert sorted(shipped) == [f"walker2d_sac_{k}.pt" for k in ("020k", "100k", "140k", "180k", "200k")]
+    assert sorted(shipped) == ([f"halfcheetah_sac_{k}.pt" for k in ("080k", "200k")] + ["hopper_sac_120k.pt"]
+                               + [f"walker2d_sac_{k}.pt" for k in ("020k", "100k", "140k", "180k", "200k")])
     assert (CHECKPOINT_DIR / "README.md").is_file()
-    obs = torch.linspace(-1, 1, 17).reshape(1, 17)
+    sizes = {"walker2d": ("Walker2d-v5", 17, 6), "halfcheetah": ("HalfCheetah-v5", 17, 6), "hopper": ("Hopper-v5", 11, 3)}
     for name, path in shipped.items():
+        env_id, obs_dim, act_dim = sizes[name.split("_")[0]]
+        obs = torch.linspace(-1, 1, obs_dim).reshape(1, obs_dim)
         state = torch.load(path, weights_only=True)  # a self-describing model file of plain data
         assert state["format"] == "energyflow-model/1" and state["class"] == "energyflow.SquashedGaussianActor"
         actor, meta = load_actor(name)  # by file name, from any working directory
-        assert meta["env_id"] == "Walker2d-v5" and (meta["obs_dim"], meta["act_dim"]) == (17, 6)
+        assert meta["env_id"] == env_id and (meta["obs_dim"], meta["act_dim"]) == (obs_dim, act_dim)
         again, _ = load_actor(str(path))
         with torch.no_grad():
             a = actor(obs, deterministic=True)

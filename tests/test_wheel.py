@@ -100,7 +100,8 @@ def test_wheel_install_runs_the_walker_recipe(tmp_path):
         assert os.path.realpath(path).startswith(target + os.sep), f"{name} imported from {path}, not the wheel"
     assert os.path.realpath(where["dist"]).startswith(target)
     assert os.path.realpath(where["checkpoints"]).startswith(target + os.sep)
-    assert where["shipped"] == [f"walker2d_sac_{k}.pt" for k in ("020k", "100k", "140k", "180k", "200k")]
+    assert where["shipped"] == ([f"halfcheetah_sac_{k}.pt" for k in ("080k", "200k")] + ["hopper_sac_120k.pt"]
+                                + [f"walker2d_sac_{k}.pt" for k in ("020k", "100k", "140k", "180k", "200k")])
     assert where["entry_points"] == ["domains.rl.cli:register"]
 
     out = _run([python, "-I", "-c", RUN, "--", "run", "qipo_walker.yaml", *TINY_QIPO, "--run-dir", "run"],
