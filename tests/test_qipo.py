@@ -152,29 +152,32 @@ import sys  # noqa: E402
 from domains.rl.qipo import transitions_fingerprint  # noqa: E402
 from energyflow.errors import CorruptFileError, InputError, UnsafeFileError  # noqa: E402
 
-STAGES = ("behaviour", "critic", "rounds", "qgpo")
+STAGES = ("behaviour", "critic", "rounds", "qgpo", "onestep")
 
 
 def stage_keys(data, cfg, root="unused", **kw):
     q = QIPO(data, cfg, root, device="cpu", progress=False, **kw)
     return {"behaviour": q.behaviour_stage.key, "critic": q.critic_stage.key, "rounds": q.rounds_stage.key,
-            "qgpo": q.qgpo_stage.key}
+            "qgpo": q.qgpo_stage.key, "onestep": q.onestep_stage(cfg.rounds).key}
 
 
 # field -> (a changed value, the stages whose output it changes; the others must keep their keys)
-ALL, CRITIC_ON = STAGES, ("critic", "rounds", "qgpo")
+ALL, CRITIC_ON, ROUNDS_ON = STAGES, ("critic", "rounds", "qgpo", "onestep"), ("rounds", "onestep")
 KEY_CASES = {
     "path": ("vp", ALL), "hidden": (32, ALL), "depth": (3, ALL), "seed": (1, ALL),
     "behaviour": ({"steps": 401, "batch_size": 256, "lr": 2e-3, "ema_decay": 0.99}, ALL),
     "num_support": (4, CRITIC_ON), "critic_hidden": (32, CRITIC_ON), "critic_depth": (3, CRITIC_ON),
     "gamma": (0.9, CRITIC_ON), "alpha": (0.2, CRITIC_ON), "critic_states": (1000, CRITIC_ON),
     "critic": ({"steps": 400, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.99}, CRITIC_ON),
-    "beta": (3.0, ("rounds", "qgpo")), "round_steps": (151, ("rounds",)), "round_states": (256, ("rounds",)),
-    "round_trainer": ({"batch_size": 512, "lr": 5e-4, "ema_decay": 0.0}, ("rounds",)),
+    "beta": (3.0, ("rounds", "qgpo", "onestep")), "round_steps": (151, ROUNDS_ON), "round_states": (256, ROUNDS_ON),
+    "round_trainer": ({"batch_size": 512, "lr": 5e-4, "ema_decay": 0.0}, ROUNDS_ON),
+    "q_scale": ("frozen", ROUNDS_ON), "round_time": ("sample", ROUNDS_ON), "round_optimizer": ("kept", ROUNDS_ON),
     "qgpo": ({**QIPOConfig().qgpo, "steps": 11}, ("qgpo",)),
-    # not in any key: rounds form a chain (a prefix or a continuation of the cached one), resume is
-    # exact so where a stage checkpoints does not change it, the guidance scale acts at sampling time
-    "rounds": (5, ()), "checkpoint_every": (7, ()), "qgpo_scale": (2.0, ()),
+    "onestep": ({**QIPOConfig().onestep, "steps": 11}, ("onestep",)),
+    # not in the rounds' key: rounds form a chain (a prefix or a continuation of the cached one); the
+    # one-step policy is keyed by the round it distils. Resume is exact, so where a stage checkpoints
+    # does not change it; the guidance scale acts at sampling time
+    "rounds": (5, ("onestep",)), "checkpoint_every": (7, ()), "qgpo_scale": (2.0, ()),
 }
 
 
