@@ -47,10 +47,15 @@ def rows(sweep_dirs: list[str]) -> list[dict]:
 def table(found: list[dict], title: str = "") -> str:
     datasets = {r.get("dataset") for r in found if not r.get("missing")}
     lines = [f"**{title}**", ""] if title else []
+    # overrides shared by every point (the dataset, the cache...) go in the caption, not in each row
+    shared = set.intersection(*(set(r["overrides"]) for r in found)) if len(found) > 1 else set()
+    if shared:
+        lines += [f"Common to every row: `{' '.join(o for o in found[0]['overrides'] if o in shared)}`", ""]
     head = ["overrides"] + (["dataset"] if len(datasets) > 1 else []) + ["seeds", "round 0 (BC)", "last", "best"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in found:
-        name = " ".join(o for o in r["overrides"] if not o.startswith(("run_dir", "num_threads"))) or "(defaults)"
+        name = " ".join(o for o in r["overrides"] if o not in shared
+                        and not o.startswith(("run_dir", "num_threads"))) or "(defaults)"
         if r.get("missing"):
             lines.append(f"| {name} | not finished |")
             continue
