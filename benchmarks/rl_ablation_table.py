@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from energyflow.sweeps import _overrides, point_dirs  # noqa: E402
+from energyflow.sweeps import point_dirs, point_overrides  # noqa: E402
 
 
 def _mean_std(values: list[float]) -> str:
@@ -33,12 +33,12 @@ def rows(sweep_dirs: list[str]) -> list[dict]:
         for point in point_dirs(sweep):
             path = os.path.join(point, "results.json")
             if not os.path.isfile(path):
-                out.append({"point": point, "overrides": _overrides(point), "missing": True})
+                out.append({"point": point, "overrides": point_overrides(point), "missing": True})
                 continue
             with open(path, encoding="utf-8") as f:
                 res = json.load(f)
             curves = list(res.get("curves", {}).values())
-            out.append({"point": point, "overrides": _overrides(point), "dataset": res.get("dataset"),
+            out.append({"point": point, "overrides": point_overrides(point), "dataset": res.get("dataset"),
                         "algo": res.get("algo"), "seeds": len(curves),
                         "bc": [c[0] for c in curves], "last": res["last"]["per_seed"], "best": res["best"]["per_seed"]})
     return out

@@ -72,11 +72,14 @@ class Objective(abc.ABC):
         group_size: ``M`` when the batch holds consecutive groups of ``M`` samples that belong
             together (grouped weights, contrastive losses): the trainer checks that every rank's
             slice holds whole groups.  ``None``: samples are independent.
+        group_time: with ``group_size``, whether :meth:`prepare` draws one flow time per group
+            (``True``) or one per sample.
         uses_target: when ``True`` the trainer passes its EMA network as ``target=`` (a Polyak
             target network, e.g. a critic's); objectives never hold a reference to it themselves.
     """
 
     group_size: Optional[int] = None
+    group_time: bool = True
     uses_target: bool = False
 
     def prepare(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> dict[str, Any]:
@@ -158,7 +161,7 @@ class FlowMatchingLoss(Objective):
         grouped).  The trainer calls this on the *global* batch before splitting it across ranks."""
         if "x0" in batch and "t" in batch:
             return batch
-        shared = self.group_size if getattr(self, "group_time", True) else None
+        shared = self.group_size if self.group_time else None
         x0, t = draw_noise_and_time(self.path, batch["x1"], generator, shared, self.prior, batch.get("mask"))
         return {**batch, "x0": x0, "t": t}
 

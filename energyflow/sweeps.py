@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import InputError
 
-__all__ = ["run_multirun", "flatten_numbers", "write_summary", "point_dirs"]
+__all__ = ["run_multirun", "flatten_numbers", "write_summary", "point_dirs", "point_overrides"]
 
 
 def flatten_numbers(results: Any, prefix: str = "", depth: int = 4) -> dict[str, float]:
@@ -38,7 +38,9 @@ def point_dirs(sweep_dir: str) -> list[str]:
     return [os.path.join(sweep_dir, d) for d in sorted(dirs, key=int)]
 
 
-def _overrides(point_dir: str) -> list[str]:
+def point_overrides(point_dir: str) -> list[str]:
+    """The command-line overrides of one sweep point (Hydra's ``.hydra/overrides.yaml``, without
+    Hydra's own ``hydra.*`` keys); empty when the point has none recorded."""
     import yaml
 
     path = os.path.join(point_dir, ".hydra", "overrides.yaml")
@@ -54,7 +56,7 @@ def write_summary(sweep_dir: str, headline: Callable[[dict], dict[str, float]], 
 
     rows = []
     for point in point_dirs(sweep_dir):
-        overrides = dict(o.split("=", 1) for o in _overrides(point) if "=" in o)
+        overrides = dict(o.split("=", 1) for o in point_overrides(point) if "=" in o)
         results_file = os.path.join(point, "results.json")
         metrics = headline(read_json(results_file, "results")) if os.path.isfile(results_file) else {}
         rows.append({"point": os.path.basename(point), **overrides, **metrics})

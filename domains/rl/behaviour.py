@@ -187,9 +187,9 @@ def save_replay_buffer(buffer, action_space, path: str) -> int:
     """
     if buffer.n_envs != 1:
         raise ValueError(f"save_replay_buffer handles one environment, the buffer has {buffer.n_envs}")
-    n = buffer.buffer_size if buffer.full else buffer.pos
     if buffer.full:  # pragma: no cover - buffers here are larger than the training run
         raise ValueError("the replay buffer has wrapped around; raise its buffer_size")
+    n = buffer.pos
     low, high = np.asarray(action_space.low, np.float64), np.asarray(action_space.high, np.float64)
     scaled = buffer.actions[:n, 0].astype(np.float64)
     actions = (low + 0.5 * (scaled + 1.0) * (high - low)).astype(np.float32)
@@ -213,7 +213,7 @@ def train_sac(env_id: str, total_steps: int, out_dir: str, checkpoint_every: int
     With ``save_replay``, SAC's replay buffer as it stands at each checkpoint is saved beside the
     actor as ``<out_dir>/replay_<steps>.npz`` (:func:`save_replay_buffer`): every transition SAC
     collected up to that policy, its uniformly random start (``learning_starts``) included, which is
-    what a D4RL-style ``medium-replay`` dataset is (``energyflow data make --kind medium-replay``).
+    what a D4RL-style ``medium-replay`` dataset is (``energyflow data make-replay``).
 
     Returns the list of checkpoint records (also written to ``<out_dir>/checkpoints.jsonl``).
     """

@@ -40,7 +40,7 @@ from .critic import InSupportCriticLoss, TwinQ
 from .datasets import Transitions
 from .policy import GenerativePolicy, load_weights, save_weights
 
-__all__ = ["QIPOConfig", "QIPO", "ONE_STEP_SAMPLER", "standardize_within_groups", "transitions_fingerprint", "make_policy",
+__all__ = ["QIPOConfig", "QIPO", "ONE_STEP_SAMPLER", "standardize_within_groups", "q_energies", "frozen_q_scale", "transitions_fingerprint", "make_policy",
            "make_energy_net", "energy_meta", "guided_predictor"]
 
 TRANSITION_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "episode_ids")
@@ -240,6 +240,17 @@ def standardize_within_groups(q: Tensor, min_std: float = 1e-3) -> Tensor:
     return (q - q.mean(1, keepdim=True)) / q.std(1, keepdim=True).clamp_min(min_std)
 
 
+def q_energies(q: Tensor, scale: Optional[float] = None) -> Tensor:
+    """The rounds' energies −Q̃ of ``q`` [G, M]: Q standardised within each row (``q_scale="group"``),
+    or, given ``scale`` (``q_scale="frozen"``), Q centred within each row and divided by it."""
+    return -(standardize_within_groups(q) if scale is None else (q - q.mean(1, keepdim=True)) / scale)
+
+
+def frozen_q_scale(q: Tensor, min_std: float = 1e-3) -> float:
+    """The ``q_scale="frozen"`` scale: the mean within-row std of ``q`` [G, M] (of the first renewal)."""
+    return float(q.std(1).mean().clamp_min(min_std))
+
+
 class QIPO:
     """The QIPO pipeline on a dataset, with cached stages under ``cache_dir``.
 
@@ -414,9 +425,8 @@ class QIPO:
         obs_n = self._norm(obs)
         with torch.no_grad():
             q = critic.min_q_groups(obs_n, policy.clip(actions))
-        q_tilde = standardize_within_groups(q) if scale is None else (q - q.mean(1, keepdim=True)) / scale
         return {"x1": actions.cpu(), "cond": obs_n.unsqueeze(1).expand(-1, m, -1).cpu(),
-                "energy": (-q_tilde).cpu(), "q": q.cpu()}
+                "energy": q_energies(q, scale).cpu(), "q": q.cpu()}
 
     def _round_records(self, log_path: str) -> list[dict]:
         """The records of ``rounds.jsonl``, checked to be rounds 0, 1, 2, … in order."""
@@ -462,11 +472,9 @@ class QIPO:
                 g.manual_seed(self.cfg.seed + 7919 * r)
                 scale = records[1]["q_scale"] if self.cfg.q_scale == "frozen" and r > 1 else None
                 batch = self.round_batch(policy.eval(), critic, g, scale)
-                if self.cfg.q_scale == "frozen" and r == 1:
-                    # the frozen scale: the mean within-state std of Q over the first renewal's support
-                    q = batch["q"]
-                    scale = float(q.std(1).mean().clamp_min(1e-3))
-                    batch["energy"] = -(q - q.mean(1, keepdim=True)) / scale
+                if self.cfg.q_scale == "frozen" and r == 1:  # measured on the first renewal's support
+                    scale = frozen_q_scale(batch["q"])
+                    batch["energy"] = q_energies(batch["q"], scale)
                 round_dir = stage.file(f"round{r}")
                 state = None
                 if self.cfg.round_optimizer == "kept" and r > 1:
@@ -530,8 +538,6 @@ class QIPO:
         def train(out_dir: str) -> dict:
             teacher = load_weights(self.new_policy(), teacher_file, f"policy of QIPO round {teacher_round}",
                                    map_location=self.device).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
             smp = sampler_from_config(teacher.sampler_cfg)
 
             def flow_map(x0: Tensor, cond: Tensor) -> Tensor:
@@ -571,7 +577,7 @@ class QIPO:
                 qv = torch.cat([critic.min_q_groups(obs_n[i:i + 4096].to(self.device), support[i:i + 4096].to(self.device)).cpu()
                                 for i in range(0, n, 4096)])
             source = TensorBatchSource({"x1": support, "cond": obs_n.unsqueeze(1).expand(-1, m, -1),
-                                        "energy": -standardize_within_groups(qv)}, group_size=m)
+                                        "energy": q_energies(qv)}, group_size=m)
             torch.manual_seed(self.cfg.seed)
             net = self.new_energy_net()
             objective = ContrastiveEnergyLoss(mu.path, self.cfg.beta, m)
