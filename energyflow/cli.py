@@ -253,28 +253,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
     default_out = (os.path.splitext(args.run_dir)[0] + "_samples.pt" if os.path.isfile(args.run_dir)
                    else os.path.join(args.run_dir, "samples.pt"))
     out = args.output or default_out
-    if not out.endswith((".pt", ".npy")):
-        raise InputError(f"--output must end in .pt or .npy, got {out}")
+    experiment = None
+    if not os.path.isfile(args.run_dir):
+        cfg = _load_run(args.run_dir)
+        _apply_runtime(cfg)
+        experiment = build_experiment(cfg)
+    formats = (".pt", ".npy") + tuple(getattr(experiment, "sample_formats", ()))
+    if not out.endswith(formats):
+        raise InputError(f"--output must end in {', '.join(formats)}, got {out}")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise InputError(f"the output folder {os.path.dirname(out) or '.'} does not exist")
     sampler = _sampler_override(args)
-    if os.path.isfile(args.run_dir):  # a self-describing model file
+    if experiment is None:  # a self-describing model file
         if args.model:
             raise InputError("--model selects a model of a run directory; a model file is sampled directly")
+        if args.cond is not None:
+            raise InputError("--cond needs a run directory (its experiment reads the condition)")
         x = _sample_model_file(args.run_dir, args.num_samples, sampler, args.seed)
     else:
-        cfg = _load_run(args.run_dir)
-        _apply_runtime(cfg)
-        experiment = build_experiment(cfg)
+        extra = {"cond": args.cond} if args.cond is not None else {}
         try:
-            x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed)
+            x = experiment.sample(args.run_dir, args.num_samples, model=args.model, sampler=sampler, seed=args.seed,
+                                  **extra)
         except (TypeError, NotImplementedError) as err:
-            raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}: {err}") from err
+            raise RecipeError(f"cannot sample {args.model or 'the default model'} with sampler {sampler}"
+                              f"{' and --cond' if extra else ''}: {err}") from err
     from .experiment import SampleRecord
 
     record = x if isinstance(x, SampleRecord) else SampleRecord(x=x)
     x = record.x
+    if experiment is not None and out.endswith(tuple(getattr(experiment, "sample_formats", ()))):
+        experiment.write_samples(record, out)
+        print(f"wrote {len(record)} samples to {out}")
+        return 0
     if out.endswith(".npy"):
         import numpy as np
 
@@ -383,11 +395,13 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     sample.add_argument("-n", "--num-samples", type=int, default=1000, help="number of samples (default 1000)")
     sample.add_argument("-m", "--model", help="which model, e.g. efm_ot_beta10, cep_beta3, fm_ot (default: the "
                         "experiment's main model)")
-    sample.add_argument("-o", "--output", help="output file, .pt or .npy (default RUN_DIR/samples.pt); 2-D samples "
-                        "also get a .png scatter plot")
+    sample.add_argument("-o", "--output", help="output file, .pt or .npy (default RUN_DIR/samples.pt), or a format the "
+                        "experiment writes (.sdf for conformers); 2-D samples also get a .png scatter plot")
     sample.add_argument("--sampler", help="sampler name: euler, midpoint, heun, rk4, dopri5, em, ancestral, dpm")
     sample.add_argument("--steps", type=int, help="sampler steps (default: the recipe's)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    sample.add_argument("--cond", help="what to sample for, read by the run's experiment (e.g. a SMILES string for the "
+                        "conformer recipe)")
     sample.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="evaluate a trained run", description=(

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["BatchSource", "TensorBatchSource", "FunctionBatchSource", "DatasetBatchSource", "TiltedResamplingSource"]
+__all__ = ["BatchSource", "TensorBatchSource", "GroupedMembersSource", "FunctionBatchSource", "DatasetBatchSource",
+           "TiltedResamplingSource"]
 
 
 class BatchSource(Protocol):
@@ -60,6 +61,68 @@ class TensorBatchSource:
         for k, v in self.tensors.items():
             v = v[idx]
             out[k] = v.reshape((-1,) + tuple(v.shape[2:])) if self.group_size else v
+        return out
+
+
+def _first_size(tree: Mapping[str, Any]) -> dict[str, int]:
+    sizes = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            sizes.update({f"{k}.{kk}": n for kk, n in _first_size(v).items()})
+        else:
+            sizes[k] = int(v.shape[0])
+    return sizes
+
+
+def _map_tree(fn: Callable[[Tensor], Tensor], tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+
+
+class GroupedMembersSource:
+    """Batches of ``G`` items with ``M`` distinct members each: molecules and ``M`` of their ``K``
+    conformers, states and ``M`` of their actions.
+
+    Item tensors (``items``: ``[N, ...]``, nested dicts allowed, e.g. a ``cond`` dict of a graph's
+    features and its ``mask``) are shared by an item's members; member tensors (``members``:
+    ``[N, K, ...]``, e.g. ``x1`` conformers and their ``energy``) hold ``K ≥ M`` members per item.
+    A batch of ``B`` samples draws ``G = B / M`` items uniformly with replacement
+    (:func:`draw_item_indices`) and, for each, ``M`` distinct members uniformly without
+    replacement; members of one item are consecutive, so the batch is ``G`` groups of ``M``
+    (:class:`~energyflow.losses.EnergyWeightedLoss` with ``group_size=M`` softmaxes each group:
+    an item's own Boltzmann or Q weights).  Item tensors are repeated for each member.
+
+    Args:
+        items: tensors indexed by item, first dimension ``N``.
+        members: tensors indexed by item and member, ``[N, K, ...]``; must include ``"x1"``.
+        group_size: ``M`` (``1 ≤ M ≤ K``).
+    """
+
+    def __init__(self, items: Mapping[str, Any], members: Mapping[str, Tensor], group_size: int):
+        if "x1" not in members:
+            raise ValueError("a grouped source needs an 'x1' member tensor (the data)")
+        sizes = {**_first_size(items), **{k: int(v.shape[0]) for k, v in members.items()}}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"items and members must share their first dimension, got {sizes}")
+        ks = {k: int(v.shape[1]) for k, v in members.items()}
+        if len(set(ks.values())) != 1:
+            raise ValueError(f"member tensors must share their second dimension (K), got {ks}")
+        self.size, self.num_members = next(iter(sizes.values())), next(iter(ks.values()))
+        if not 1 <= int(group_size) <= self.num_members:
+            raise ValueError(f"group_size must be in [1, {self.num_members}] (members per item), got {group_size}")
+        self.items, self.members, self.group_size = dict(items), dict(members), int(group_size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        m = self.group_size
+        idx = draw_item_indices(self.size, batch_size, m, generator)
+        pick = torch.rand(idx.shape[0], self.num_members, generator=generator).argsort(dim=1)[:, :m]
+        device = self.members["x1"].device
+        idx, pick = idx.to(device), pick.to(device)
+        out = _map_tree(lambda v: v[idx].repeat_interleave(m, dim=0), self.items)
+        for k, v in self.members.items():
+            out[k] = v[idx[:, None], pick].reshape((-1,) + tuple(v.shape[2:]))
         return out
 
 

@@ -81,8 +81,16 @@ class Experiment(abc.ABC):
 
     def sample(self, run_dir: str, num_samples: int, model: Optional[str] = None,
                sampler: Optional[dict[str, Any]] = None, seed: int = 0) -> SampleRecord:
-        """Draw ``num_samples`` from the saved model ``model`` of ``run_dir``."""
+        """Draw ``num_samples`` from the saved model ``model`` of ``run_dir``.  Experiments whose
+        samples need a condition also accept ``cond=`` (``energyflow sample --cond``), as text."""
         raise NotImplementedError(f"{type(self).__name__} does not support sampling")
+
+    sample_formats: tuple[str, ...] = ()
+    """File suffixes (besides ``.pt`` / ``.npy``) that :meth:`write_samples` writes, e.g. ``(".sdf",)``."""
+
+    def write_samples(self, record: SampleRecord, path: str) -> None:
+        """Write a :meth:`sample` record in one of :attr:`sample_formats` (atomically)."""
+        raise NotImplementedError(f"{type(self).__name__} writes no sample formats of its own")
 
     def models(self, run_dir: str) -> list[str]:
         """Names of the models saved in ``run_dir/models``."""

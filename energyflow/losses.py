@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .energies import Energy
 from .paths import CondOTPath, Path, Prediction, VPPath
-from .priors import GaussianPrior, Prior, expand_mask
+from .priors import GaussianPrior, Prior, build_coupling, expand_mask
 from .weights import energy_weights
 
 __all__ = [
@@ -94,9 +94,11 @@ class Objective(abc.ABC):
 
 def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Generator] = None,
                         group_size: Optional[int] = None, prior: Optional[Prior] = None,
-                        mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        mask: Optional[Tensor] = None, coupling: Optional[Callable[..., Tensor]] = None
+                        ) -> tuple[Tensor, Tensor]:
     """Noise ``x0`` from ``prior`` (default N(0, I); zero on padding) like ``x1`` and times
-    ``t ~ U[t_min, t_max]`` (one per group if given).
+    ``t ~ U[t_min, t_max]`` (one per group if given).  A ``coupling`` ``f(x0, x1, mask) -> x0'``
+    (e.g. :func:`~energyflow.priors.kabsch_align`) pairs each noise sample with its data sample.
 
     Drawn on the generator's device (a CPU generator gives the same numbers whatever the device of
     ``x1``), then moved to ``x1``'s device.
@@ -104,6 +106,8 @@ def draw_noise_and_time(path: Path, x1: Tensor, generator: Optional[torch.Genera
     where = generator.device if generator is not None else x1.device
     x0 = (prior or GaussianPrior()).sample(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype,
                                            mask=mask)
+    if coupling is not None:
+        x0 = coupling(x0, x1, mask)
     n = x1.shape[0] if group_size is None else x1.shape[0] // group_size
     t = path.sample_time(n, generator=generator, device=where, dtype=x1.dtype).to(x1.device)
     if group_size is not None:
@@ -147,12 +151,18 @@ class FlowMatchingLoss(Objective):
         prediction: what the network predicts (``"velocity"``, ``"epsilon"``, ``"x1"``, ``"score"``);
             defaults to ``path.default_prediction`` (velocity for OT, ε for VP).
         prior: the noise distribution (default :class:`~energyflow.priors.GaussianPrior`).
+        coupling: how each noise sample is paired with its data sample: ``None`` (independent) or
+            ``"kabsch"`` (the noise rotated onto the data, :func:`~energyflow.priors.kabsch_align`;
+            rotation-invariant sets such as molecules).
     """
 
-    def __init__(self, path: Path, prediction: Optional[Prediction] = None, prior: Optional[Prior] = None):
+    def __init__(self, path: Path, prediction: Optional[Prediction] = None, prior: Optional[Prior] = None,
+                 coupling: Optional[str] = None):
         self.path = path
         self.prediction: Prediction = prediction or path.default_prediction
         self.prior: Prior = prior or GaussianPrior()
+        self.coupling_name = None if coupling in (None, "none", "independent") else str(coupling)
+        self.coupling = build_coupling(coupling)
 
     group_size: Optional[int] = None
 
@@ -162,7 +172,8 @@ class FlowMatchingLoss(Objective):
         if "x0" in batch and "t" in batch:
             return batch
         shared = self.group_size if self.group_time else None
-        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, shared, self.prior, batch.get("mask"))
+        x0, t = draw_noise_and_time(self.path, batch["x1"], generator, shared, self.prior, batch.get("mask"),
+                                    self.coupling)
         return {**batch, "x0": x0, "t": t}
 
     def per_sample(self, net: Callable[..., Tensor], batch: dict[str, Any],
@@ -172,7 +183,7 @@ class FlowMatchingLoss(Objective):
         if "x0" in batch and "t" in batch:
             x0, t = batch["x0"], batch["t"]
         else:
-            x0, t = draw_noise_and_time(self.path, x1, generator, group_size, self.prior, mask)
+            x0, t = draw_noise_and_time(self.path, x1, generator, group_size, self.prior, mask, self.coupling)
         sample = self.path.sample(x0, x1, t)
         target = self.path.target(sample, self.prediction)
         pred = net(sample.xt, t, network_cond(batch))
@@ -204,6 +215,7 @@ class EnergyWeightedLoss(FlowMatchingLoss):
         group_time: with ``group_size``, draw one flow time per group (default: the group's
             samples are compared at one noise level) or, ``False``, one per sample.  Both are
             unbiased for the same minimiser; they differ in variance.
+        coupling: the noise–data pairing (see :class:`FlowMatchingLoss`).
 
     Metrics: ``loss``, ``ess`` (effective sample size, per group when grouped) and ``ess_fraction``.
     Under data-parallel training, whole-batch weights are normalised over the global batch.
@@ -211,8 +223,9 @@ class EnergyWeightedLoss(FlowMatchingLoss):
 
     def __init__(self, path: Path, beta: float, energy: Optional[Energy] = None,
                  prediction: Optional[Prediction] = None, group_size: Optional[int] = None,
-                 nonfinite: str = "raise", prior: Optional[Prior] = None, group_time: bool = True):
-        super().__init__(path, prediction, prior)
+                 nonfinite: str = "raise", prior: Optional[Prior] = None, group_time: bool = True,
+                 coupling: Optional[str] = None):
+        super().__init__(path, prediction, prior, coupling)
         self.beta, self.energy, self.group_size, self.nonfinite = float(beta), energy, group_size, nonfinite
         self.group_time = bool(group_time)
 
