@@ -39,6 +39,12 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.schedule=[5,10]", "+experiment.plot=false",
     ],
     "image_digits.yaml": TINY_IMAGE,
+    "molecule_conformer.yaml": [
+        "experiment.trainer.steps=2", "experiment.data.max_molecules=30", "experiment.evaluation.max_molecules=2",
+        "experiment.sampler.steps=2", "experiment.reference.num_confs=4", "experiment.group_size=2",
+        "experiment.trainer.batch_size=8", "experiment.progress=false", "experiment.evaluation.workers=1",
+        "experiment.reference.workers=1", "experiment.cache_dir=null", "device=cpu",
+    ],
     "image_mnist.yaml": TINY_IMAGE,
     "qipo_walker.yaml": TINY_QIPO,
     # the recipes' own offline default: a (tiny) dataset built from the checkpoints shipped in the package
@@ -62,6 +68,9 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys, monkeypatch):
             pytest.importorskip(module)
     if name.startswith("image"):  # the image domain needs its extra
         for module in ("diffusers", "torchvision", "torchmetrics", "sklearn"):
+            pytest.importorskip(module)
+    if name.startswith("molecule"):  # the molecule domain needs its extra
+        for module in ("rdkit", "torch_geometric"):
             pytest.importorskip(module)
     if name == "image_mnist.yaml":
         from domains.image.datasets import shared_data_dir
