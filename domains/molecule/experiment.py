@@ -53,10 +53,9 @@ from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import TrainerConfig
 from energyflow.validation import check_integer, check_mapping, check_number
 
-__all__ = ["ConformerExperiment", "MODELS", "BOLTZMANN_KCAL"]
+__all__ = ["ConformerExperiment", "MODELS"]
 
 MODELS = ("fm", "efm")
-BOLTZMANN_KCAL = 0.0019872041          # k_B in kcal/(mol·K)
 REMOTE_DATASETS = ("qm9",)
 DATA_KEYS = ("min_heavy", "max_heavy", "max_molecules", "split", "split_seed")
 REFERENCE_KEYS = ("num_confs", "seed", "max_iters", "workers")
@@ -121,12 +120,14 @@ class ConformerExperiment(Experiment):
         if bad or not names:
             raise InputError(f"experiment.models: unknown model(s) {bad or names}; choose from {list(MODELS)}")
         self.models = names
+        from .energies import beta_from_temperature, temperature_from_beta
+
         if beta is None:
-            t = check_number(temperature, "temperature", low=0.0, low_inclusive=False)
-            self.beta, self.temperature = 1.0 / (BOLTZMANN_KCAL * t), t
+            self.temperature = check_number(temperature, "temperature", low=0.0, low_inclusive=False)
+            self.beta = beta_from_temperature(self.temperature)
         else:
-            self.beta = check_number(beta, "beta", low=0.0)
-            self.temperature = 1.0 / (BOLTZMANN_KCAL * self.beta) if self.beta > 0 else float("inf")
+            self.beta = check_number(beta, "beta", low=0.0, low_inclusive=False)
+            self.temperature = temperature_from_beta(self.beta)
         self.seed = check_integer(seed, "seed", minimum=0)
         d = {"min_heavy": 4, "max_heavy": 12, "max_molecules": 300, "split": [0.8, 0.1, 0.1], "split_seed": 0,
              **check_mapping(data, "experiment.data", DATA_KEYS)}

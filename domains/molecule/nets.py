@@ -61,8 +61,12 @@ class EGNNLayer(MessagePassing):
 
     def __init__(self, hidden: int, edge_dim: int, rbf: int):
         super().__init__(aggr="add")
-        self.edge_mlp = nn.Sequential(nn.Linear(2 * hidden + rbf + edge_dim, hidden), nn.SiLU(),
-                                      nn.Linear(hidden, hidden), nn.SiLU())
+        # φ_e's first layer on concat(h_i, h_j, rbf, e_ij), split so that the h parts are computed once
+        # per atom rather than once per pair (the pairs outnumber the atoms N − 1 to 1)
+        self.edge_target = nn.Linear(hidden, hidden)
+        self.edge_source = nn.Linear(hidden, hidden, bias=False)
+        self.edge_pair = nn.Linear(rbf + edge_dim, hidden, bias=False)
+        self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.coord_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.coord_mlp[-1].weight)
         nn.init.zeros_(self.coord_mlp[-1].bias)
@@ -73,17 +77,17 @@ class EGNNLayer(MessagePassing):
 
     def forward(self, h: Tensor, x: Tensor, edge_index: Tensor, edge_attr: Tensor, inv_degree: Tensor
                 ) -> tuple[Tensor, Tensor]:
-        out = self.propagate(edge_index, h=h, x=x, edge_attr=edge_attr)
+        out = self.propagate(edge_index, a=self.edge_target(h), b=self.edge_source(h), x=x, edge_attr=edge_attr)
         agg_m, agg_dx = out[:, :-3], out[:, -3:]
         x = x + agg_dx * inv_degree[:, None]
         h = h + self.node_mlp(torch.cat([self.norm(h), agg_m], dim=-1))
         return h, x
 
-    def message(self, h_i: Tensor, h_j: Tensor, x_i: Tensor, x_j: Tensor, edge_attr: Tensor) -> Tensor:
+    def message(self, a_i: Tensor, b_j: Tensor, x_i: Tensor, x_j: Tensor, edge_attr: Tensor) -> Tensor:
         diff = x_i - x_j
         dist = diff.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
         rbf = torch.exp(-((dist - self.centres) / self.width).square())
-        m = self.edge_mlp(torch.cat([h_i, h_j, rbf, edge_attr], dim=-1))
+        m = self.edge_out(a_i + b_j + self.edge_pair(torch.cat([rbf, edge_attr], dim=-1)))
         dx = diff / (dist + 1.0) * self.coord_mlp(m)
         return torch.cat([m, dx], dim=-1)
 
