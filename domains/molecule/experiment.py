@@ -244,9 +244,10 @@ class ConformerExperiment(Experiment):
                              f"(skipped: {counts}); widen experiment.data.min_heavy / max_heavy")
         mols, smiles, ensembles = [mols[i] for i in keep], [smiles[i] for i in keep], [ensembles[i] for i in keep]
         split = scaffold_split(smiles, tuple(d["split"]), seed=int(d["split_seed"]))
-        if not split["train"] or not split["test"]:
-            raise InputError(f"dataset={self.dataset}: the scaffold split left an empty train or test set "
-                             f"({ {k: len(v) for k, v in split.items()} }); use more molecules")
+        if not split["train"] or not split[self.eval_cfg["split"]]:
+            raise InputError(f"dataset={self.dataset}: the scaffold split left the train or the "
+                             f"{self.eval_cfg['split']} set empty ({ {k: len(v) for k, v in split.items()} }); use more "
+                             f"molecules or other experiment.data.split fractions")
         record = {"smiles": smiles, "molblocks": [Chem.MolToMolBlock(m) for m in mols],
                   "coords": [torch.from_numpy(np.asarray(e.coords, dtype=np.float32)) for e in ensembles],
                   "energies": [torch.from_numpy(np.asarray(e.energies, dtype=np.float64)) for e in ensembles],
@@ -398,6 +399,8 @@ class ConformerExperiment(Experiment):
         data = self.data(run_dir)
         e = self.eval_cfg
         idx = data.split[e["split"]][: int(e["max_molecules"])]
+        if not idx:
+            raise InputError(f"experiment.evaluation.split={e['split']}: the split holds no molecule")
         mols = [data.mols[i] for i in idx]
         k = int(self.reference_cfg["num_confs"])
         per = int(e["samples_per_reference"]) * k

@@ -88,7 +88,7 @@ class QIPOConfig:
     gamma: float = 0.99
     alpha: float = 0.1
     critic_states: Optional[int] = 50000
-    critic: dict = field(default_factory=lambda: {"steps": 25000, "batch_size": 256, "lr": 3e-4, "ema_decay": 0.995})
+    critic: dict = field(default_factory=lambda: {"steps": 25000, "batch_size": 256, "lr": 3e-4, "ema_decay": 0.98})
     beta: float = 1.0
     rounds: int = 4
     round_steps: int = 1000
