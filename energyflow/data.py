@@ -91,13 +91,20 @@ class GroupedMembersSource:
     (:class:`~energyflow.losses.EnergyWeightedLoss` with ``group_size=M`` softmaxes each group:
     an item's own Boltzmann or Q weights).  Item tensors are repeated for each member.
 
+    With ``member_probs`` (``[N, K]``, each row summing to 1) the ``M`` members are drawn *with*
+    replacement in proportion to those probabilities instead: e.g. ``softmax(−βE)`` over each item's
+    members, which makes every group an exact sample of the item's tilted member distribution
+    (the grouped analogue of :class:`TiltedResamplingSource`: train it with the plain loss).
+
     Args:
         items: tensors indexed by item, first dimension ``N``.
         members: tensors indexed by item and member, ``[N, K, ...]``; must include ``"x1"``.
         group_size: ``M`` (``1 ≤ M ≤ K``).
+        member_probs: optional ``[N, K]`` member probabilities (see above).
     """
 
-    def __init__(self, items: Mapping[str, Any], members: Mapping[str, Tensor], group_size: int):
+    def __init__(self, items: Mapping[str, Any], members: Mapping[str, Tensor], group_size: int,
+                 member_probs: Optional[Tensor] = None):
         if "x1" not in members:
             raise ValueError("a grouped source needs an 'x1' member tensor (the data)")
         sizes = {**_first_size(items), **{k: int(v.shape[0]) for k, v in members.items()}}
@@ -110,6 +117,15 @@ class GroupedMembersSource:
         if not 1 <= int(group_size) <= self.num_members:
             raise ValueError(f"group_size must be in [1, {self.num_members}] (members per item), got {group_size}")
         self.items, self.members, self.group_size = dict(items), dict(members), int(group_size)
+        if member_probs is not None:
+            member_probs = torch.as_tensor(member_probs, dtype=torch.float64)
+            if member_probs.shape != (self.size, self.num_members):
+                raise ValueError(f"member_probs must have shape ({self.size}, {self.num_members}), "
+                                 f"got {tuple(member_probs.shape)}")
+            if not bool(torch.isfinite(member_probs).all()) or bool((member_probs < 0).any()) or \
+                    not torch.allclose(member_probs.sum(1), torch.ones(self.size, dtype=torch.float64), atol=1e-6):
+                raise ValueError("member_probs must be finite, non-negative, and sum to 1 over each item's members")
+        self.member_probs = member_probs
 
     def __len__(self) -> int:
         return self.size
@@ -117,7 +133,10 @@ class GroupedMembersSource:
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         m = self.group_size
         idx = draw_item_indices(self.size, batch_size, m, generator)
-        pick = torch.rand(idx.shape[0], self.num_members, generator=generator).argsort(dim=1)[:, :m]
+        if self.member_probs is None:
+            pick = torch.rand(idx.shape[0], self.num_members, generator=generator).argsort(dim=1)[:, :m]
+        else:
+            pick = torch.multinomial(self.member_probs[idx], m, replacement=True, generator=generator)
         device = self.members["x1"].device
         idx, pick = idx.to(device), pick.to(device)
         out = _map_tree(lambda v: v[idx].repeat_interleave(m, dim=0), self.items)

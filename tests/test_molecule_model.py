@@ -164,3 +164,18 @@ def test_grouped_members_source_draws_distinct_members_of_one_item():
     assert torch.equal(again["energy"], batch["energy"])                           # seeded
     with pytest.raises(ValueError, match="group_size"):
         GroupedMembersSource(items, members, group_size=7)
+
+
+def test_grouped_members_source_resamples_members_by_their_probabilities():
+    n, k = 3, 4
+    members = {"x1": torch.arange(n * k, dtype=torch.float32).view(n, k, 1)}
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]])
+    src = GroupedMembersSource({"id": torch.arange(n)}, members, group_size=4, member_probs=probs)
+    batch = src.sample(40000, torch.Generator().manual_seed(0))
+    member = batch["x1"].view(-1).long() % k
+    owner = batch["id"]
+    for i in range(n):
+        freq = torch.bincount(member[owner == i], minlength=k).double()
+        assert torch.allclose(freq / freq.sum(), probs[i].double(), atol=0.02)
+    with pytest.raises(ValueError, match="sum to 1"):
+        GroupedMembersSource({"id": torch.arange(n)}, members, 2, member_probs=probs * 2)

@@ -13,6 +13,11 @@ is the Boltzmann reweighting of G's conformer distribution at temperature T.  Mo
   of its molecules and the weights are softmax(−βE) *within* each molecule's group
   (:class:`~energyflow.losses.EnergyWeightedLoss` with ``group_size``), so every molecule's own
   Boltzmann factors weight its conformers; no energy gradient is taken;
+* ``efm_resampled``: the same per-molecule tilt with no weights: each molecule's group is drawn
+  from its K reference conformers with probabilities softmax(−βE) over all K
+  (:class:`~energyflow.data.GroupedMembersSource` with ``member_probs``) and trained with the plain
+  loss.  Normalising over all K is exact, where a group's softmax over ``group_size`` of them is a
+  self-normalised estimate (biased toward the untilted p for small groups and sharp tilts);
 * the evaluation adds RDKit's ETKDG (unoptimised) as the baseline row.
 
 Both models are the same E(3)-equivariant network (:class:`~domains.molecule.nets.EGNNField`) on the
@@ -55,7 +60,7 @@ from energyflow.validation import check_integer, check_mapping, check_number
 
 __all__ = ["ConformerExperiment", "MODELS"]
 
-MODELS = ("fm", "efm")
+MODELS = ("fm", "efm", "efm_resampled")
 REMOTE_DATASETS = ("qm9",)
 DATA_KEYS = ("min_heavy", "max_heavy", "max_molecules", "split", "split_seed")
 REFERENCE_KEYS = ("num_confs", "seed", "max_iters", "workers")
@@ -89,7 +94,7 @@ class ConformerExperiment(Experiment):
     Args:
         dataset: ``nci`` (RDKit's bundled NCI set, offline), a ``.smi`` / ``.txt`` / ``.csv`` / ``.sdf``
             file, or ``qm9`` (torch-geometric's download; fails with one line offline).
-        models: ``fm`` and/or ``efm``.
+        models: any of ``fm``, ``efm``, ``efm_resampled``.
         temperature: T in kelvin; β = 1 / (k_B T).  ``beta`` (mol/kcal), when given, wins.
         beta: β directly, in mol/kcal (``None``: from ``temperature``).
         seed: seed of training and sampling (the molecule set and its split have their own seeds).
@@ -269,12 +274,12 @@ class ConformerExperiment(Experiment):
 
     # -- models -------------------------------------------------------------------------------------
     def model_name(self, kind: str) -> str:
-        return "fm" if kind == "fm" else f"efm_T{self.temperature:g}"
+        return "fm" if kind == "fm" else f"{kind}_T{self.temperature:g}"
 
     def model_stage(self, run_dir: str, kind: str) -> Stage:
         trainer = {k: v for k, v in self.trainer_cfg.items() if k not in ("progress", "log_every", "device",
                                                                           "num_threads")}
-        spec = {"kind": kind, "beta": self.beta if kind == "efm" else None, "net": self.net_cfg, "trainer": trainer,
+        spec = {"kind": kind, "beta": self.beta if kind != "fm" else None, "net": self.net_cfg, "trainer": trainer,
                 "group_size": self.group_size, "coupling": self.coupling, "seed": self.seed, "format": 1}
         return Stage(f"conformer-{kind}", spec, self._root(run_dir), upstream=[self.data_stage(run_dir)])
 
@@ -291,7 +296,8 @@ class ConformerExperiment(Experiment):
         def fit(folder: str) -> dict[str, Any]:
             torch.manual_seed(self.seed)
             items, members = self.tensors(data, data.split["train"])
-            source = GroupedMembersSource(items, members, self.group_size)
+            probs = torch.softmax(-self.beta * members["energy"].double(), dim=1) if kind == "efm_resampled" else None
+            source = GroupedMembersSource(items, members, self.group_size, member_probs=probs)
             prior = CenteredGaussianPrior()
             if kind == "efm":
                 objective = EnergyWeightedLoss(CondOTPath(), self.beta, group_size=self.group_size, prior=prior,
@@ -300,7 +306,7 @@ class ConformerExperiment(Experiment):
                 objective = FlowMatchingLoss(CondOTPath(), prior=prior, coupling=self.coupling)
             net = EGNNField(**self.net_cfg)
             config = TrainerConfig.from_dict({**self.trainer_cfg, "seed": self.seed}, "experiment.trainer")
-            meta = {"kind": kind, "beta": self.beta if kind == "efm" else 0.0, "temperature": self.temperature,
+            meta = {"kind": kind, "beta": self.beta if kind != "fm" else 0.0, "temperature": self.temperature,
                     "prior": prior.spec(), "units": "angstrom", "sampler": self.sampler_cfg}
             return fit_and_save(net, objective, source, config, os.path.join(folder, "train"),
                                 os.path.join(folder, "model.pt"), path="ot", meta=meta, name=kind)
@@ -345,11 +351,11 @@ class ConformerExperiment(Experiment):
     def sample(self, run_dir: str, num_samples: int, model: Optional[str] = None,
                sampler: Optional[dict[str, Any]] = None, seed: int = 0, cond: Any = None) -> SampleRecord:
         """``num_samples`` conformers of the molecule given by ``cond`` (a SMILES string; default:
-        the first evaluation molecule) from model ``model`` (``fm`` or ``efm``; default the EFM model
-        when trained).  Save with :meth:`write_samples` (``energyflow sample RUN --cond SMILES -o out.sdf``)."""
+        the first evaluation molecule) from model ``model`` (``fm``, ``efm`` or ``efm_resampled``; default
+        the first EFM model the recipe trains).  Save with :meth:`write_samples` (``energyflow sample RUN --cond SMILES -o out.sdf``)."""
         from rdkit import Chem
 
-        kind = model or ("efm" if "efm" in self.models else self.models[0])
+        kind = model or next((m for m in self.models if m != "fm"), self.models[0])
         if kind not in MODELS:
             raise InputError(f"--model must be one of {list(MODELS)}, got {kind!r}")
         file = self.model_stage(run_dir, kind).file("model.pt")
@@ -437,7 +443,7 @@ class ConformerExperiment(Experiment):
                                [data.smiles[i] for i in idx])
         target = self.known_answer(data, idx)
         for name, row in rows.items():
-            if name.startswith("efm") or name == "fm":
+            if name != "etkdg":
                 row["target_gap"] = float(np.mean(row["energy_per_molecule"]) - target["mean"])
         return {"temperature": self.temperature, "beta": self.beta, "molecules": len(idx),
                 "conformers_per_molecule": per, "dataset": self.dataset, "skipped": data.skips,
