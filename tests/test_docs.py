@@ -27,7 +27,8 @@ def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
     return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)]
 
 
-DOC_EXTRAS = {"qipo.md": ("gymnasium", "minari"), "image.md": ("diffusers", "torchvision", "torchmetrics", "sklearn")}
+DOC_EXTRAS = {"qipo.md": ("gymnasium", "minari"), "image.md": ("diffusers", "torchvision", "torchmetrics", "sklearn"),
+              "molecules.md": ("rdkit", "torch_geometric")}
 DOC_FILES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 DOCS_WITH_CODE = [p for p in DOC_FILES if python_blocks(p)]
 
