@@ -224,6 +224,10 @@ def _worker_energies(task: tuple[int, np.ndarray, int]) -> np.ndarray:
     return _WORKER_TABLE.energies(index, coords, relax_steps)
 
 
+def _started() -> bool:
+    return _WORKER_TABLE is not None
+
+
 def _conformer_key(coords: np.ndarray) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(str(coords.dtype).encode())
@@ -310,6 +314,10 @@ class EnergyPool:
                 ctx = multiprocessing.get_context(self.start_method)
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
                                                  initializer=_init_worker, initargs=(binaries,))
+                # The executor starts workers lazily, one per submission that finds none idle: start
+                # them all now, so that the first batch is spread over every worker.
+                for f in [self._pool.submit(_started) for _ in range(self.workers)]:
+                    f.result()
         return self._pool
 
     def close(self) -> None:
