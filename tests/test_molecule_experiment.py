@@ -34,7 +34,7 @@ def test_conformer_run_writes_rows_sdf_and_reuses_stages(tmp_path, smiles_file, 
             "experiment.data.split=[0.6,0.2,0.2]", f"experiment.cache_dir={cache}", "--run-dir", str(run_dir)]
     assert main(args) == 0
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["rows"]) == {"fm", "efm_T600", "etkdg"}
+    assert set(results["rows"]) == {"fm", "efm_T600", "efm_resampled_T600", "etkdg"}
     assert results["skipped"]["unparsable"] == 1 and results["skipped"]["fragments"] == 1
     for row in results["rows"].values():
         assert 0.0 <= row["cov_r@0.5"] <= 1.0 and row["amr_r"] >= 0 and row["seconds_per_conformer"] > 0
@@ -47,7 +47,7 @@ def test_conformer_run_writes_rows_sdf_and_reuses_stages(tmp_path, smiles_file, 
     before = sorted(os.listdir(cache))
     assert main([*args[:-1], str(tmp_path / "run2"), "temperature=300"]) == 0
     added = sorted(f for f in set(os.listdir(cache)) - set(before) if not f.startswith("."))
-    assert len(added) == 1 and added[0].startswith("conformer-efm")
+    assert len(added) == 2 and all(a.startswith("conformer-efm") for a in added)
     out = tmp_path / "c.sdf"
     assert main(["sample", str(run_dir), "--cond", "CCOC(=O)C", "-n", "3", "-o", str(out)]) == 0
     assert out.read_text().count("$$$$") == 3

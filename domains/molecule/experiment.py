@@ -114,7 +114,7 @@ class ConformerExperiment(Experiment):
         progress: progress bars.
     """
 
-    def __init__(self, dataset: str = "nci", models: Sequence[str] | str = ("fm", "efm"), temperature: float = 600.0,
+    def __init__(self, dataset: str = "nci", models: Sequence[str] | str = ("fm", "efm", "efm_resampled"), temperature: float = 600.0,
                  beta: Optional[float] = None, seed: int = 0, data: Optional[dict] = None,
                  reference: Optional[dict] = None, net: Optional[dict] = None, trainer: Optional[dict] = None,
                  group_size: int = 8, coupling: str = "kabsch", sampler: Optional[dict] = None,
@@ -149,7 +149,7 @@ class ConformerExperiment(Experiment):
         check_integer(r["num_confs"], "experiment.reference.num_confs", minimum=2)
         self.reference_cfg = r
         self.net_cfg = {"hidden": 64, "layers": 4, **check_mapping(net, "experiment.net", NET_KEYS)}
-        self.trainer_cfg = {"steps": 2000, "batch_size": 64, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 50,
+        self.trainer_cfg = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 50,
                             "ema_decay": 0.995, "log_every": 50, "progress": bool(progress),
                             **check_mapping(trainer, "experiment.trainer")}
         TrainerConfig.from_dict(self.trainer_cfg, "experiment.trainer")   # bad settings fail before any work
