@@ -278,6 +278,7 @@ class ContrastiveEnergyLoss(Objective):
                  prior: Optional[Prior] = None):
         self.path, self.beta, self.group_size, self.energy = path, float(beta), int(group_size), energy
         self.prior: Prior = prior or GaussianPrior()
+        self.coupling = None          # independent noise (what prepare, shared with FlowMatchingLoss, reads)
 
     prepare = FlowMatchingLoss.prepare
 
