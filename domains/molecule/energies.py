@@ -31,6 +31,8 @@ from torch import Tensor
 from energyflow.energies import Energy
 from energyflow.errors import InputError
 
+from .features import conformer_array
+
 __all__ = [
     "KB_KCAL_PER_MOL_K",
     "MMFF_INVALID",
@@ -104,17 +106,6 @@ def _mmff_properties(mol: Any, name: str = "molecule") -> Any:
     return props
 
 
-def _check_coords(mol: Any, coords: Any) -> np.ndarray:
-    arr = np.asarray(coords, dtype=np.float64)
-    n = mol.GetNumAtoms()
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] != (n, 3):
-        raise InputError(f"conformer coordinates must have shape [K, {n}, 3] for a molecule with {n} atoms "
-                         f"(hydrogens included), got {tuple(np.shape(coords))}")
-    return arr
-
-
 def _energies_with_props(mol: Any, props: Any, coords: np.ndarray, relax_steps: int) -> np.ndarray:
     """MMFF94 energies of ``coords`` ``[K, N, 3]`` (float64) with precomputed properties."""
     from rdkit import Chem
@@ -178,7 +169,7 @@ def mmff_energies(mol: Any, coords: np.ndarray, relax_steps: int = 0) -> np.ndar
         InputError: when ``coords`` does not match the molecule, ``relax_steps`` is negative, or the
             molecule has no MMFF94 parameters.
     """
-    arr = _check_coords(mol, coords)
+    arr = conformer_array(mol, coords)
     relax_steps = _check_relax(relax_steps)
     return _energies_with_props(mol, _mmff_properties(mol), arr, relax_steps)
 

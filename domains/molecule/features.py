@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ELEMENTS", "ATOM_FEATURES", "BOND_TYPES", "MAX_HOPS", "MolGraph", "featurize", "pad_graphs",
-           "pad_conformers"]
+           "pad_conformers", "conformer_array"]
 
 ELEMENTS = ("H", "C", "N", "O", "F", "S", "Cl", "Br")
 _HYBRIDISATIONS = ("SP", "SP2", "SP3")
@@ -85,6 +85,21 @@ def featurize(mol: Any) -> MolGraph:
     dist = Chem.GetDistanceMatrix(mol)          # topological; 1e8 between fragments
     hops = np.minimum(dist, MAX_HOPS).astype(np.int64)
     return MolGraph(atoms=atoms, bonds=bonds, hops=hops)
+
+
+def conformer_array(mol: Any, coords: Any, what: str = "conformer coordinates") -> np.ndarray:
+    """``coords`` of ``mol`` as ``float64 [K, N, 3]`` (one ``[N, 3]`` conformer becomes ``K = 1``);
+    an :class:`~energyflow.errors.InputError` naming ``what`` when the shape does not fit the molecule."""
+    from energyflow.errors import InputError
+
+    arr = np.asarray(coords, dtype=np.float64)
+    n = mol.GetNumAtoms()
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (n, 3):
+        raise InputError(f"{what} must have shape [K, {n}, 3] for a molecule with {n} atoms (hydrogens "
+                         f"included), got {tuple(np.shape(coords))}")
+    return arr
 
 
 def pad_graphs(graphs: Sequence[MolGraph], num_atoms: int | None = None) -> dict[str, Tensor]:

@@ -20,6 +20,8 @@ import numpy as np
 
 from energyflow.errors import InputError
 
+from .features import conformer_array
+
 __all__ = [
     "bond_graph_survives",
     "coverage",
@@ -27,17 +29,6 @@ __all__ = [
     "heavy_atom_rmsd_matrix",
     "posebusters_checks",
 ]
-
-
-def _coords(mol: Any, coords: Any, what: str) -> np.ndarray:
-    arr = np.asarray(coords, dtype=np.float64)
-    n = mol.GetNumAtoms()
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1:] != (n, 3):
-        raise InputError(f"{what} must have shape [K, {n}, 3] for a molecule with {n} atoms (hydrogens "
-                         f"included), got {tuple(np.shape(coords))}")
-    return arr
 
 
 def _with_conformers(mol: Any, coords: np.ndarray) -> Any:
@@ -90,8 +81,8 @@ def heavy_atom_rmsd_matrix(mol: Any, gen: np.ndarray, ref: np.ndarray,
     from rdkit import Chem
     from rdkit.Chem import rdMolAlign
 
-    g = _coords(mol, gen, "gen")
-    r = _coords(mol, ref, "ref")
+    g = conformer_array(mol, gen, "gen")
+    r = conformer_array(mol, ref, "ref")
     heavy = np.array([a.GetIdx() for a in mol.GetAtoms() if a.GetAtomicNum() > 1], dtype=np.int64)
     if heavy.size == 0:
         raise InputError("heavy-atom RMSD needs a molecule with at least one heavy atom")
@@ -214,7 +205,7 @@ def bond_graph_survives(mol: Any, coords: np.ndarray) -> np.ndarray:
     from rdkit.Chem import rdDetermineBonds
     from rdkit.Geometry import Point3D
 
-    x = _coords(mol, coords, "coords")
+    x = conformer_array(mol, coords, "coords")
     expected = _bond_set(mol)
     bare = Chem.RWMol()
     for atom in mol.GetAtoms():
@@ -252,7 +243,7 @@ def posebusters_checks(mol: Any, coords: np.ndarray) -> dict[str, float] | None:
     except ImportError:
         return None
 
-    x = _coords(mol, coords, "coords")
+    x = conformer_array(mol, coords, "coords")
     k = x.shape[0]
     ok = np.flatnonzero(np.isfinite(x).all(axis=(1, 2)))
     if k == 0:
