@@ -298,6 +298,7 @@ def iterative_tilt(
     chunk: int = 65536,
     callback: Optional[Callable[[nn.Module, RoundRecord], dict]] = None,
     prior: Optional[Prior] = None,
+    sample_transform: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> IterativeResult:
     """Tilt a trained model along a β schedule by iterative EFM (see the module docstring).
 
@@ -341,6 +342,10 @@ def iterative_tilt(
             exact target); its floats go to ``record.metrics``.
         prior: the noise distribution ``net`` was trained from (default N(0, I)): the rounds'
             samples and fits use it too.
+        sample_transform: optional map of each round's fresh samples ``[N, *event_shape]`` before
+            they are scored and fitted, e.g. the projection of a continuous relaxation onto its
+            discrete values (one-hot tokens), so that the energy scores and the next model learns
+            exactly the objects that decoding yields.  ``None``: the raw samples.
 
     Returns:
         :class:`IterativeResult` with the final model (eval mode, on the net's device) and the
@@ -407,6 +412,8 @@ def iterative_tilt(
         elif c is not None and c.shape[0] != num_samples:
             raise ValueError(f"cond has {c.shape[0]} rows, expected num_samples={num_samples}")
         x = draw_samples(current, path, num_samples, event_shape, smp, g, c, prediction, chunk, device, prior)
+        if sample_transform is not None:
+            x = sample_transform(x)
         e = _energies(energy, x, c, chunk, device)
         if energy_transform is not None:
             e = energy_transform(e).to(torch.float64)

@@ -45,6 +45,13 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.trainer.batch_size=8", "experiment.progress=false", "experiment.evaluation.workers=1",
         "experiment.reference.workers=1", "experiment.cache_dir=null", "device=cpu",
     ],
+    "molecule_qed.yaml": [
+        "experiment.trainer.steps=2", "experiment.data.max_molecules=60", "experiment.sampler.steps=2",
+        "experiment.trainer.batch_size=16", "experiment.iterative.rounds=2", "experiment.iterative.num_samples=32",
+        "experiment.iterative.steps=2", "experiment.evaluation.num_samples=24", "experiment.evaluation.grid=4",
+        "experiment.evaluation.workers=1", "experiment.data.workers=1", "experiment.progress=false",
+        "experiment.trainer.progress=false", "experiment.cache_dir=null", "device=cpu",
+    ],
     "image_mnist.yaml": TINY_IMAGE,
     "qipo_walker.yaml": TINY_QIPO,
     # the recipes' own offline default: a (tiny) dataset built from the checkpoints shipped in the package
@@ -70,7 +77,7 @@ def test_every_recipe_runs_a_few_steps(recipe, tmp_path, capsys, monkeypatch):
         for module in ("diffusers", "torchvision", "torchmetrics", "sklearn"):
             pytest.importorskip(module)
     if name.startswith("molecule"):  # the molecule domain needs its extra
-        for module in ("rdkit", "torch_geometric"):
+        for module in ("rdkit", "torch_geometric", "selfies"):
             pytest.importorskip(module)
     if name == "image_mnist.yaml":
         from domains.image.datasets import shared_data_dir

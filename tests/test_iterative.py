@@ -91,6 +91,22 @@ def test_adaptive_schedule_reaches_beta_max():
     assert all(b > a for a, b in zip(res.betas, res.betas[1:]))
 
 
+def test_sample_transform_maps_the_samples_that_are_scored_and_fitted():
+    """A projection onto a discrete set (here: the sign of each coordinate) is what the energy sees."""
+    net = _tiny_net()
+    seen = []
+
+    def energy_fn(x):
+        seen.append(x.clone())
+        return x[:, 0]
+
+    res = iterative_tilt(net, CondOTPath(), FunctionEnergy(energy_fn), [1.0], 256, (2,), trainer=TINY,
+                         sampler={"name": "euler", "steps": 4}, sample_transform=torch.sign)
+    assert len(seen) == 1 and set(seen[0].unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # the recorded mean energy is that of the projected samples, a mean of ±1 values
+    assert res.records[0].mean_energy == pytest.approx(float(seen[0][:, 0].double().mean()))
+
+
 def test_grouped_conditional_rounds():
     """QIPO's shape: S conditions, M samples each, weights within each group, fresh conditions per round."""
     net = _tiny_net(cond_dim=3)

@@ -184,14 +184,15 @@ def read_molecules(path: str) -> tuple[list["Mol"], list[str], SkipCounts]:
 
 def filter_molecules(mols: Sequence["Mol"], smiles: Sequence[str], *, min_heavy: int = 4, max_heavy: int = 20,
                      elements: Sequence[str] = DEFAULT_ELEMENTS, skips: Optional[SkipCounts] = None,
-                     ) -> tuple[list["Mol"], list[str], SkipCounts]:
+                     require_mmff: bool = True) -> tuple[list["Mol"], list[str], SkipCounts]:
     """Keep the molecules the domain can handle, counting the others by reason.
 
     A molecule is kept when, checked in this order, it is one fragment (else ``fragments``), has
     zero net charge (else ``charged``; zwitterionic groups such as nitro are fine), no unpaired
     electrons (``radical``), only atoms of ``elements`` (``element``; hydrogen is always
     allowed), ``min_heavy`` to ``max_heavy`` heavy atoms (``too_small`` / ``too_large``), full
-    MMFF94 parameters (``no_mmff_params``) and a canonical SMILES not kept before (``duplicate``).
+    MMFF94 parameters (``no_mmff_params``; checked only with ``require_mmff``, which conformer work
+    needs and de novo generation does not) and a canonical SMILES not kept before (``duplicate``).
 
     Args:
         mols, smiles: as returned by :func:`read_molecules` (same length).
@@ -225,7 +226,7 @@ def filter_molecules(mols: Sequence["Mol"], smiles: Sequence[str], *, min_heavy:
                 reason = "too_small"
             elif heavy > max_heavy:
                 reason = "too_large"
-            elif not rdForceFieldHelpers.MMFFHasAllMoleculeParams(mol):
+            elif require_mmff and not rdForceFieldHelpers.MMFFHasAllMoleculeParams(mol):
                 reason = "no_mmff_params"
             elif smi in seen:
                 reason = "duplicate"

@@ -1,0 +1,97 @@
+"""The de novo molecule experiment end to end at toy scale: stages, β auto, rows, SMILES and grid output, bad input."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("rdkit")
+pytest.importorskip("selfies")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from energyflow.cli import main  # noqa: E402
+from energyflow.errors import InputError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "molecule_qed.yaml")
+TINY = ["experiment.trainer.steps=3", "experiment.sampler.steps=2", "experiment.trainer.batch_size=8",
+        "experiment.iterative.rounds=2", "experiment.iterative.num_samples=16", "experiment.iterative.steps=2",
+        "experiment.evaluation.num_samples=12", "experiment.evaluation.grid=4", "experiment.evaluation.workers=1",
+        "experiment.data.workers=1", "experiment.progress=false", "experiment.trainer.progress=false", "device=cpu"]
+
+
+@pytest.fixture
+def smiles_file(tmp_path):
+    lines = ["smiles", "CCO", "CCCO", "CCCCO", "CC(C)O", "c1ccccc1O", "Cc1ccccc1", "CCN", "CCCN", "C1CCCCC1",
+             "C1CCCCC1C", "OC1CCCC1", "not_a_smiles", "C1CC", "[Na+].[Cl-]", "CC(=O)OC", "c1ccncc1", "CCOC",
+             "CC(=O)Nc1ccc(O)cc1", "CCO"]
+    path = tmp_path / "mols.smi"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_denovo_run_rows_outputs_skips_and_stage_reuse(tmp_path, smiles_file, capsys):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    args = ["run", RECIPE, *TINY, f"dataset={smiles_file}", "experiment.data.min_heavy=2",
+            f"experiment.cache_dir={cache}", "--run-dir", str(run_dir)]
+    assert main(args) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    # invalid entries are skipped and counted, never a crash: two unparsable, one salt, one duplicate
+    assert results["skipped"]["unparsable"] == 2 and results["skipped"]["fragments"] == 1
+    assert results["skipped"]["duplicate"] == 1 and results["molecules"] == 15
+    assert set(results["rows"]) == {"training set", "training best-12", "unguided", "efm", "iterative"}
+    assert results["beta_setting"] == "auto" and results["beta"] > 0
+    assert results["iterative_final_beta"] == pytest.approx(2 * results["beta"])
+    for name, row in results["rows"].items():
+        assert 0 <= row["validity"] <= 1 and np.isfinite(row["energy_mean"])
+        assert 0 <= row["target_fraction"] <= 1
+    best = results["rows"]["training best-12"]
+    assert best["energy_mean"] <= results["rows"]["training set"]["energy_mean"]
+    assert (run_dir / "samples" / "efm.smi").read_text().count("\n") == 12
+    assert (run_dir / "properties.png").stat().st_size > 1000 and (run_dir / "grid_unguided.png").exists()
+    assert "| efm |" in (run_dir / "results.md").read_text()
+    # another energy retrains EFM and the iterative chain only; the molecule set and the unguided model are reused
+    before = set(os.listdir(cache))
+    assert main([*args[:-1], str(tmp_path / "run2"), "energy=logp", "target=3"]) == 0
+    added = sorted(f for f in set(os.listdir(cache)) - before if not f.startswith("."))
+    assert len(added) == 2 and {a.split("-")[1] for a in added} == {"efm", "iterative"}
+    # energyflow sample writes SMILES, one line per sample, and a grid beside them
+    out = tmp_path / "mols.smi"
+    assert main(["sample", str(run_dir), "-m", "efm", "-n", "5", "-o", str(out)]) == 0
+    assert out.read_text().count("\n") == 5 and (tmp_path / "mols.png").stat().st_size > 1000
+    assert main(["sample", str(run_dir), "-m", "nonsense", "-n", "5", "-o", str(out)]) == 2
+    assert "--model must be one of" in capsys.readouterr().err
+
+
+def test_beta_auto_keeps_the_batch_ess():
+    from domains.molecule.denovo import DeNovoData, DeNovoExperiment
+    from domains.molecule.selfies_codec import SelfiesCodec
+    from energyflow.iterative import batch_ess_fraction
+
+    smiles = ["CCO", "CCCO", "c1ccccc1O", "CCN"] * 64
+    codec, _, _ = SelfiesCodec.fit(smiles)
+    tokens, _, _ = codec.encode(smiles)
+    qed = np.random.default_rng(0).uniform(0.2, 0.9, len(smiles))
+    data = DeNovoData({"smiles": smiles, "tokens": tokens, "codec": codec.to_dict(),
+                       "props": {"qed": torch.from_numpy(qed)}})
+    exp = DeNovoExperiment(trainer={"batch_size": 32}, beta_auto_ess=0.3)
+    beta = exp.resolve_beta(data)
+    order = torch.randperm(len(qed), generator=torch.Generator().manual_seed(0))
+    e = torch.from_numpy(-qed)[order]
+    assert batch_ess_fraction(e, beta, 32) == pytest.approx(0.3, abs=0.01)
+    assert DeNovoExperiment(beta=5.0).resolve_beta(data) == 5.0
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"energy": "potency"}, "potency"), ({"energy": "qed", "target": "x"}, "target"), ({"beta": "hot"}, "beta"),
+    ({"beta": -1.0}, "beta"), ({"models": ["efm", "gan"]}, "models"), ({"data": {"max_len": 1}}, "max_len"),
+    ({"trainer": {"steps": 0}}, "steps"), ({"iterative": {"rounds": 0}}, "rounds"),
+    ({"evaluation": {"nums": 3}}, "nums"), ({"dataset": "/no/such/file.smi"}, "no such file"),
+    ({"energy": "combo", "target": 3.0}, "target"),
+])
+def test_bad_settings_fail_before_any_work(kwargs, key):
+    from domains.molecule.denovo import DeNovoExperiment
+
+    with pytest.raises(InputError, match=key):
+        DeNovoExperiment(**kwargs)
