@@ -230,7 +230,8 @@ def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_
                trainer: Union[TrainerConfig, dict], *, cond: Optional[Tensor] = None, group_size: Optional[int] = None,
                prediction: Optional[Prediction] = None, prior: Optional[Prior] = None, out_dir: Optional[str] = None,
                name: str = "train", group_time: bool = True,
-               optimizer_state: Optional[dict] = None) -> tuple[Trainer, TrainResult]:
+               optimizer_state: Optional[dict] = None,
+               error: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> tuple[Trainer, TrainResult]:
     """One round's fit: train ``model`` **in place** by EFM at ``delta_beta`` on fixed samples.
 
     ``x`` ``[N, ...]`` are samples of the current model (of ``q_{k−1}``) and ``energies`` ``[N]``
@@ -243,7 +244,8 @@ def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_
     ``group_time`` (with ``group_size``): one flow time per group (default) or per sample (see
     :class:`~energyflow.losses.EnergyWeightedLoss`).  ``optimizer_state``: an AdamW state dict
     (``trainer.optimizer.state_dict()`` of the previous round) to continue from instead of a fresh
-    optimiser, so that one optimiser runs across rounds.
+    optimiser, so that one optimiser runs across rounds.  ``error``: the loss's elementwise error
+    (:class:`~energyflow.losses.FlowMatchingLoss`; default squared).
 
     Returns:
         the :class:`~energyflow.trainer.Trainer` after ``fit()`` (its ``ema_module`` and ``model``)
@@ -256,7 +258,7 @@ def fit_tilted(model: nn.Module, path: Path, x: Tensor, energies: Tensor, delta_
         tensors = {key: v.reshape(-1, group_size, *v.shape[1:]) for key, v in tensors.items()}
     source = TensorBatchSource(tensors, group_size=group_size)
     objective = EnergyWeightedLoss(path, delta_beta, prediction=prediction, group_size=group_size, prior=prior,
-                                   group_time=group_time)
+                                   group_time=group_time, error=error)
     fit = Trainer(model.train(), objective, source, trainer, out_dir=out_dir, name=name)
     if optimizer_state is not None:
         fit.load_optimizer_state(optimizer_state)
@@ -299,6 +301,7 @@ def iterative_tilt(
     callback: Optional[Callable[[nn.Module, RoundRecord], dict]] = None,
     prior: Optional[Prior] = None,
     sample_transform: Optional[Callable[[Tensor], Tensor]] = None,
+    error: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> IterativeResult:
     """Tilt a trained model along a β schedule by iterative EFM (see the module docstring).
 
@@ -346,6 +349,8 @@ def iterative_tilt(
             they are scored and fitted, e.g. the projection of a continuous relaxation onto its
             discrete values (one-hot tokens), so that the energy scores and the next model learns
             exactly the objects that decoding yields.  ``None``: the raw samples.
+        error: the elementwise error of every round's loss (the one ``net`` was trained with; see
+            :class:`~energyflow.losses.FlowMatchingLoss`).
 
     Returns:
         :class:`IterativeResult` with the final model (eval mode, on the net's device) and the
@@ -441,7 +446,7 @@ def iterative_tilt(
         round_dir = os.path.join(out_dir, f"round{k}") if out_dir else None
         fit, result = fit_tilted(copy.deepcopy(current), path, x, e, delta, {**asdict(cfg), "seed": cfg.seed + k},
                                  cond=None if c is None else c.cpu(), group_size=group_size, prediction=prediction,
-                                 prior=prior, out_dir=round_dir)
+                                 prior=prior, out_dir=round_dir, error=error)
         current = copy.deepcopy(fit.ema_module if use_ema else fit.model).eval()
         record.loss = float(result.metrics.get("train/loss", math.nan))
         record.train_ess_fraction = float(result.metrics.get("train/ess_fraction", math.nan))

@@ -334,3 +334,33 @@ def test_one_step_distillation_learns_the_teachers_flow_map():
     err = (x1 - teacher(x0, None)).norm(dim=1).mean()
     assert err < 0.05, err
     torch.testing.assert_close(torch.cov(x1.T), A @ A.T, atol=0.1, rtol=0.05)
+
+
+def test_one_hot_cross_entropy_values_and_minimiser():
+    from energyflow.losses import OneHotCrossEntropy
+
+    scale = 2.0
+    err = OneHotCrossEntropy(scale)
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    onehot = torch.tensor([[0.0, 1.0, 0.0]])
+    e = err(scale * (2 * p - 1), scale * (2 * onehot - 1))
+    assert torch.allclose(e.sum(-1), -torch.log(torch.tensor([0.2])), atol=1e-6)
+    # the expected error over one-hot targets drawn from q is minimised by the prediction p = q (a Bregman
+    # divergence, like the squared error): gradient descent on the logits reaches q
+    q = torch.tensor([0.5, 0.3, 0.2])
+    targets = scale * (2 * torch.eye(3) - 1)
+    logits = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(500):
+        pred = scale * (2 * torch.softmax(logits, -1) - 1)
+        loss = (q[:, None] * err(pred.expand(3, 3), targets)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(torch.softmax(logits, -1), q, atol=1e-3)
+    # and FlowMatchingLoss uses it in place of the squared error
+    net = lambda x, t, c=None: torch.zeros_like(x)  # noqa: E731 - predicts p uniform-ish (x̂1 = 0 → p = 1/2)
+    loss = FlowMatchingLoss(CondOTPath(), prediction="x1", error=err)
+    batch = {"x1": targets[:2].unsqueeze(1)}
+    out = loss(net, batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(out.loss, -torch.log(torch.tensor(0.5)) / 3, atol=1e-5)

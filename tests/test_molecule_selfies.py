@@ -198,3 +198,17 @@ def test_sequence_field_model_file_round_trip(tmp_path):
     x, t = torch.randn(4, 12, 11), torch.rand(4)
     net.eval()
     assert torch.equal(saved.net(x, t), net(x, t))
+
+
+def test_sequence_field_x1_output_lies_on_the_simplex():
+    from domains.molecule.sequence_nets import SequenceField
+
+    torch.manual_seed(0)
+    net = SequenceField(7, 5, hidden=16, layers=1, heads=2, ff=16, output="x1", scale=1.5)
+    with torch.no_grad():
+        net.out.weight.normal_()
+        y = net(torch.randn(3, 5, 7), torch.rand(3))
+    p = (y / 1.5 + 1) / 2
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(3, 5), atol=1e-5)
+    with pytest.raises(ValueError, match="output"):
+        SequenceField(7, 5, output="logits")

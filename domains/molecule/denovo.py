@@ -105,6 +105,8 @@ class DeNovoExperiment(Experiment):
         net: :class:`~domains.molecule.sequence_nets.SequenceField` arguments.
         trainer: :class:`~energyflow.trainer.TrainerConfig` settings of the two trained models.
         sampler: the ODE sampler (``name``, ``steps``).
+        loss: ``cross_entropy`` (of the predicted token probabilities) or ``squared`` error of the
+            clean-data prediction; the network predicts x̂1 on the simplex either way.
         iterative: ``rounds`` K, ``num_samples`` fresh molecules per round, ``steps`` and ``lr`` of
             each round's fit (the other trainer settings are the main trainer's).
         evaluation: ``num_samples`` per model (and the k of the best-k baseline), ``grid`` molecules
@@ -117,7 +119,7 @@ class DeNovoExperiment(Experiment):
                  beta: Any = "auto", beta_auto_ess: float = 0.25,
                  models: Sequence[str] | str = MODELS, seed: int = 0, data: Optional[dict] = None,
                  net: Optional[dict] = None, trainer: Optional[dict] = None, sampler: Optional[dict] = None,
-                 iterative: Optional[dict] = None, evaluation: Optional[dict] = None,
+                 iterative: Optional[dict] = None, evaluation: Optional[dict] = None, loss: str = "cross_entropy",
                  cache_dir: Optional[str] = None, progress: bool = True):
         from .properties import build_property_energy
 
@@ -149,13 +151,16 @@ class DeNovoExperiment(Experiment):
         check_integer(d["max_molecules"], "experiment.data.max_molecules", minimum=0)
         d["elements"] = [str(e) for e in d["elements"]]
         self.data_cfg = d
-        self.net_cfg = {"hidden": 128, "layers": 3, "heads": 4, "ff": 256, **check_mapping(net, "experiment.net", NET_KEYS)}
+        self.net_cfg = {"hidden": 64, "layers": 2, "heads": 4, "ff": 128, **check_mapping(net, "experiment.net", NET_KEYS)}
+        if loss not in ("cross_entropy", "squared"):
+            raise InputError(f"experiment.loss must be 'cross_entropy' or 'squared', got {loss!r}")
+        self.loss = loss
         self.trainer_cfg = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100,
                             "ema_decay": 0.999, "log_every": 50, "progress": bool(progress),
                             **check_mapping(trainer, "experiment.trainer")}
         TrainerConfig.from_dict(self.trainer_cfg, "experiment.trainer")   # bad settings fail before any work
         self.sampler_cfg = {"name": "euler", "steps": 50, **check_mapping(sampler, "experiment.sampler")}
-        it = {"rounds": 3, "num_samples": 4096, "steps": 600, "lr": 2e-4,
+        it = {"rounds": 3, "num_samples": 2048, "steps": 600, "lr": 2e-4,
               **check_mapping(iterative, "experiment.iterative", ITERATIVE_KEYS)}
         check_integer(it["rounds"], "experiment.iterative.rounds", minimum=1)
         check_integer(it["num_samples"], "experiment.iterative.num_samples", minimum=2)
@@ -269,8 +274,8 @@ class DeNovoExperiment(Experiment):
 
     def model_stage(self, run_dir: str, kind: str) -> Stage:
         data_stage = self.data_stage(run_dir)
-        spec: dict[str, Any] = {"kind": kind, "net": self.net_cfg, "trainer": self._trainer_key(), "seed": self.seed,
-                                "format": 1}
+        spec: dict[str, Any] = {"kind": kind, "net": self.net_cfg, "loss": self.loss, "trainer": self._trainer_key(),
+                                "seed": self.seed, "format": 1}
         upstream = [data_stage]
         if kind != "unguided":
             spec.update(energy=self._energy_key(), beta=self.resolve_beta(self.data(run_dir)))
@@ -298,17 +303,26 @@ class DeNovoExperiment(Experiment):
             x1 = data.codec.to_continuous(data.tokens)
             if kind == "efm":
                 source = TensorBatchSource({"x1": x1, "energy": torch.from_numpy(self.energy(data.props))})
-                objective = EnergyWeightedLoss(CondOTPath(), beta)
+                objective = EnergyWeightedLoss(CondOTPath(), beta, prediction="x1", error=self._error(data))
             else:
                 source = TensorBatchSource({"x1": x1})
-                objective = FlowMatchingLoss(CondOTPath())
-            net = SequenceField(len(data.codec), data.codec.max_len, **self.net_cfg)
+                objective = FlowMatchingLoss(CondOTPath(), prediction="x1", error=self._error(data))
+            net = SequenceField(len(data.codec), data.codec.max_len, output="x1", scale=data.codec.scale,
+                                **self.net_cfg)
             config = TrainerConfig.from_dict({**self.trainer_cfg, "seed": self.seed}, "experiment.trainer")
             return fit_and_save(net, objective, source, config, os.path.join(folder, "train"),
-                                os.path.join(folder, "model.pt"), path="ot", meta=self._meta(kind, beta), name=kind)
+                                os.path.join(folder, "model.pt"), path="ot", prediction="x1",
+                                meta=self._meta(kind, beta), name=kind)
 
         stage.run(fit)
         return stage.file("model.pt")
+
+    def _error(self, data: DeNovoData) -> Any:
+        """The loss's elementwise error: the cross-entropy of the predicted token probabilities, or ``None``
+        (squared error); both are minimised by E[x1 | x_t] (:class:`~energyflow.losses.OneHotCrossEntropy`)."""
+        from energyflow.losses import OneHotCrossEntropy
+
+        return OneHotCrossEntropy(data.codec.scale) if self.loss == "cross_entropy" else None
 
     def _meta(self, kind: str, beta: float) -> dict[str, Any]:
         return {"kind": kind, "beta": beta, "energy": self.energy.describe(), "sampler": self.sampler_cfg}
@@ -343,12 +357,12 @@ class DeNovoExperiment(Experiment):
             result = iterative_tilt(saved.net, CondOTPath(), BlackBoxEnergy(score), rounds, int(it["num_samples"]),
                                     codec.event_shape, trainer=trainer, sampler=self.sampler_cfg, seed=self.seed,
                                     out_dir=os.path.join(folder, "rounds"), sample_transform=project,
-                                    chunk=int(self.eval_cfg["batch_size"]))
+                                    chunk=int(self.eval_cfg["batch_size"]), prediction="x1", error=self._error(data))
             records = [{"round": r.round, "beta": r.beta, "ess_fraction": r.ess_fraction,
                         "mean_energy": r.mean_energy, "tilted_mean_energy": r.tilted_mean_energy,
                         "sample_seconds": r.sample_seconds, "train_seconds": r.train_seconds} for r in result.records]
             meta = {**self._meta("iterative", rounds[-1]), "rounds": records}
-            save_model_file(os.path.join(folder, "model.pt"), result.net, path="ot", meta=meta)
+            save_model_file(os.path.join(folder, "model.pt"), result.net, path="ot", prediction="x1", meta=meta)
             return {"rounds": records, "final_beta": rounds[-1]}
 
         stage.run(fit)

@@ -4,7 +4,18 @@
 vocabulary entries) and ``t`` ``[B]``.  Each position's V values are projected to ``hidden``, a
 learned position embedding and the time embedding are added, and a pre-norm transformer encoder
 (bidirectional self-attention over the L positions) maps them back to V values per position.  The
-output layer starts at zero, so an untrained field predicts zero velocity.
+output layer starts at zero.
+
+``output`` says what the V values are:
+
+* ``"velocity"``: the flow's velocity itself (the model is trained with the ``velocity`` target);
+* ``"x1"``: the clean-data prediction x̂1 = scale·(2·softmax(logits) − 1), the expected one-hot
+  under the predicted token probabilities, in the codec's ±scale units (train and sample it with
+  ``prediction="x1"``).  Because the minimiser of the squared error is E[x1 | x_t], which for
+  one-hot data is exactly such a mixture, this parameterisation loses nothing, keeps every
+  prediction on the simplex, and learns far faster than an unconstrained velocity: the
+  velocity head spent its capacity on the mixture's geometry and collapsed to the commonest
+  token (docs/molecules_denovo.md).
 """
 from __future__ import annotations
 
@@ -32,11 +43,17 @@ class SequenceField(nn.Module):
         ff: width of each layer's feed-forward block.
         time_dim: size of the sinusoidal time embedding (even), projected to ``hidden`` by an MLP.
         dropout: dropout inside the transformer layers.
+        output: ``"velocity"`` or ``"x1"`` (the simplex parameterisation; module docstring).
+        scale: the codec's scale (``"x1"`` only).
     """
 
     def __init__(self, vocab_size: int, max_len: int, hidden: int = 128, layers: int = 3, heads: int = 4,
-                 ff: int = 256, time_dim: int = 64, dropout: float = 0.0):
+                 ff: int = 256, time_dim: int = 64, dropout: float = 0.0, output: str = "velocity",
+                 scale: float = 1.0):
         super().__init__()
+        if output not in ("velocity", "x1"):
+            raise ValueError(f"output must be 'velocity' or 'x1', got {output!r}")
+        self.output, self.scale = output, float(scale)
         if hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
         self.vocab_size, self.max_len = int(vocab_size), int(max_len)
@@ -76,4 +93,7 @@ class SequenceField(nn.Module):
             raise ValueError(f"t has {e.shape[0]} entries for a batch of {bsz}")
         h = self.inp(x) + self.pos[None] + e[:, None, :]  # [B, L, hidden]
         h = self.encoder(h)
-        return self.out(self.norm(h))
+        out = self.out(self.norm(h))
+        if self.output == "x1":
+            return self.scale * (2.0 * torch.softmax(out, dim=-1) - 1.0)
+        return out
