@@ -153,6 +153,14 @@ def test_pool_cache_skips_recomputation(ethanol, butane, monkeypatch):
     # relax_steps is part of the key: another pool with relaxation computes its own values
     relaxed = EnergyPool(mols, relax_steps=10).energies(idx, x, na)
     assert (relaxed <= first + 1e-9).all()
+    # ... and one pool serves both: a per-call relax_steps computes (and caches) its own values
+    n = sum(calls)
+    np.testing.assert_allclose(pool.energies(idx, x, na, relax_steps=10), relaxed, atol=1e-9)
+    assert sum(calls) == n + 3
+    np.testing.assert_array_equal(pool.energies(idx, x, na), first)
+    assert sum(calls) == n + 3
+    with pytest.raises(InputError, match="relax_steps"):
+        pool.energies(idx, x, na, relax_steps=-2)
     # LRU eviction
     small = EnergyPool(mols, cache_size=1)
     small.energies(idx, x, na)

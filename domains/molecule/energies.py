@@ -344,7 +344,7 @@ class EnergyPool:
 
     # -- energies ----------------------------------------------------------------------------
     def energies(self, mol_index: np.ndarray, coords: np.ndarray,
-                 num_atoms: np.ndarray | None = None) -> np.ndarray:
+                 num_atoms: np.ndarray | None = None, relax_steps: int | None = None) -> np.ndarray:
         """MMFF94 energies (kcal/mol) of a batch of conformers of the pool's molecules.
 
         Args:
@@ -353,6 +353,8 @@ class EnergyPool:
                 ``i`` are its atoms, in the molecule's atom order.
             num_atoms: ``[B]`` number of real atoms of each sample; must equal the molecule's atom
                 count.  ``None``: each molecule's atom count.
+            relax_steps: this call's MMFF relaxation iterations (``None``: the pool's), so one pool
+                (one set of workers) serves both raw and relaxed energies; the cache keys include it.
 
         Returns:
             ``float64`` ``[B]`` absolute energies (see :func:`mmff_energies` for invalid conformers).
@@ -361,6 +363,7 @@ class EnergyPool:
             InputError: an index out of range, a shape mismatch, or an atom count that does not match
                 the molecule.
         """
+        relax = self.relax_steps if relax_steps is None else _check_relax(relax_steps)
         idx = np.asarray(mol_index)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
             raise InputError(f"mol_index must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
@@ -389,7 +392,7 @@ class EnergyPool:
         out = np.empty(b, dtype=np.float64)
         pending: dict[tuple[int, int, bytes], list[int]] = {}
         for i in range(b):
-            key = (int(idx[i]), self.relax_steps, _conformer_key(x[i, : n_at[i]]))
+            key = (int(idx[i]), relax, _conformer_key(x[i, : n_at[i]]))
             if self.cache_size and key in self._cache:
                 self._cache.move_to_end(key)
                 out[i] = self._cache[key]
@@ -410,7 +413,7 @@ class EnergyPool:
             for s in range(0, len(js), self.chunk_size):
                 part = js[s: s + self.chunk_size]
                 rows = [pending[keys[j]][0] for j in part]
-                tasks.append((m, np.asarray(x[rows, :n], dtype=np.float64), self.relax_steps))
+                tasks.append((m, np.asarray(x[rows, :n], dtype=np.float64), relax))
                 task_keys.append(part)
         results = self._run(tasks)
         self.misses += len(keys)

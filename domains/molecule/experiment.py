@@ -419,9 +419,7 @@ class ConformerExperiment(Experiment):
         rows = {}
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         with EnergyPool(mols, workers=self._workers(e["workers"], "experiment.evaluation.workers"),
-                        relax_steps=int(e["relax_steps"])) as relaxed_pool, \
-                EnergyPool(mols, workers=self._workers(e["workers"], "experiment.evaluation.workers"),
-                           relax_steps=0) as raw_pool:
+                        relax_steps=int(e["relax_steps"])) as pool:
             for name, (confs, seconds) in generated.items():
                 covs, rel, raw, bonds = [], [], [], []
                 for j, (mol, gen) in enumerate(zip(mols, confs)):
@@ -429,8 +427,8 @@ class ConformerExperiment(Experiment):
                     covs.append(coverage(heavy_atom_rmsd_matrix(mol, gen, ref), tuple(e["thresholds"])))
                     bonds.append(bond_graph_survives(mol, gen))
                 flat, mol_index, num_atoms = _flatten(confs)
-                rel_e = relaxed_pool.energies(mol_index, flat, num_atoms) - ref_min[mol_index]
-                raw_e = raw_pool.energies(mol_index, flat, num_atoms) - ref_min[mol_index]
+                rel_e = pool.energies(mol_index, flat, num_atoms) - ref_min[mol_index]
+                raw_e = pool.energies(mol_index, flat, num_atoms, relax_steps=0) - ref_min[mol_index]
                 row = {key: float(np.mean([c[key] for c in covs])) for key in covs[0]}
                 row.update({f"median_{key}": float(np.median([c[key] for c in covs])) for key in covs[0]})
                 row.update({f"energy_{k2}": v for k2, v in energy_stats(rel_e).items()})
