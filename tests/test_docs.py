@@ -28,7 +28,7 @@ def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 DOC_EXTRAS = {"qipo.md": ("gymnasium", "minari"), "image.md": ("diffusers", "torchvision", "torchmetrics", "sklearn"),
-              "molecules.md": ("rdkit", "torch_geometric")}
+              "molecules.md": ("rdkit", "torch_geometric"), "molecules_denovo.md": ("rdkit", "selfies")}
 DOC_FILES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 DOCS_WITH_CODE = [p for p in DOC_FILES if python_blocks(p)]
 
