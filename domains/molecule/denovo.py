@@ -353,11 +353,18 @@ class DeNovoExperiment(Experiment):
             saved = load_model(base, map_location=device)
             rounds = [beta * (k + 1) for k in range(int(it["rounds"]))]
             trainer = {**self.trainer_cfg, "steps": int(it["steps"]), "lr": float(it["lr"]), "warmup_steps": 0,
-                       "lr_schedule": "constant", "progress": False, "seed": self.seed}
+                       "lr_schedule": "constant", "seed": self.seed}
+
+            def report(_net: Any, r: Any) -> dict:
+                print(f"iterative round {r.round}: beta {r.beta:g}, fresh samples' mean energy {r.mean_energy:.3f} "
+                      f"(tilted estimate {r.tilted_mean_energy:.3f}), batch ESS {r.ess_fraction:.2f}", flush=True)
+                return {}
+
             result = iterative_tilt(saved.net, CondOTPath(), BlackBoxEnergy(score), rounds, int(it["num_samples"]),
                                     codec.event_shape, trainer=trainer, sampler=self.sampler_cfg, seed=self.seed,
                                     out_dir=os.path.join(folder, "rounds"), sample_transform=project,
-                                    chunk=int(self.eval_cfg["batch_size"]), prediction="x1", error=self._error(data))
+                                    chunk=int(self.eval_cfg["batch_size"]), prediction="x1", error=self._error(data),
+                                    callback=report)
             records = [{"round": r.round, "beta": r.beta, "ess_fraction": r.ess_fraction,
                         "mean_energy": r.mean_energy, "tilted_mean_energy": r.tilted_mean_energy,
                         "sample_seconds": r.sample_seconds, "train_seconds": r.train_seconds} for r in result.records]
