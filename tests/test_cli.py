@@ -46,7 +46,7 @@ TINY = {  # per recipe: overrides that make it run in seconds
         "experiment.reference.workers=1", "experiment.cache_dir=null", "device=cpu",
     ],
     "molecule_qed.yaml": [
-        "experiment.trainer.steps=2", "experiment.data.max_molecules=60", "experiment.sampler.steps=2",
+        "experiment.trainer.steps=2", "experiment.vae.steps=2", "experiment.data.max_molecules=60", "experiment.sampler.steps=2",
         "experiment.trainer.batch_size=16", "experiment.iterative.rounds=2", "experiment.iterative.num_samples=32",
         "experiment.iterative.steps=2", "experiment.evaluation.num_samples=24", "experiment.evaluation.grid=4",
         "experiment.evaluation.workers=1", "experiment.data.workers=1", "experiment.progress=false",

@@ -15,7 +15,7 @@ from energyflow.errors import InputError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "molecule_qed.yaml")
-TINY = ["experiment.trainer.steps=3", "experiment.sampler.steps=2", "experiment.trainer.batch_size=8",
+TINY = ["experiment.trainer.steps=3", "experiment.vae.steps=3", "experiment.sampler.steps=2", "experiment.trainer.batch_size=8",
         "experiment.iterative.rounds=2", "experiment.iterative.num_samples=16", "experiment.iterative.steps=2",
         "experiment.evaluation.num_samples=12", "experiment.evaluation.grid=4", "experiment.evaluation.workers=1",
         "experiment.data.workers=1", "experiment.progress=false", "experiment.trainer.progress=false", "device=cpu"]
@@ -66,6 +66,52 @@ def test_denovo_run_rows_outputs_skips_and_stage_reuse(tmp_path, smiles_file, ca
     assert "--model must be one of" in capsys.readouterr().err
 
 
+def test_token_representation_runs(tmp_path, smiles_file):
+    run_dir = tmp_path / "run"
+    assert main(["run", RECIPE, *TINY, f"dataset={smiles_file}", "experiment.data.min_heavy=2",
+                 "experiment.representation=tokens", "experiment.net={hidden: 16, layers: 1, heads: 2, ff: 16}",
+                 "models=[unguided,iterative]", f"experiment.cache_dir={tmp_path / 'cache'}", "--run-dir",
+                 str(run_dir)]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["representation"] == "tokens" and set(results["rows"]) >= {"unguided", "iterative"}
+
+
+def test_selfies_vae_shapes_objective_and_greedy_decoding():
+    from domains.molecule.selfies_codec import SelfiesCodec
+    from domains.molecule.selfies_vae import SelfiesVAE, VAEObjective
+
+    smiles = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCN"]
+    codec, _, _ = SelfiesCodec.fit(smiles, max_len=20)
+    tokens, _, _ = codec.encode(smiles)
+    torch.manual_seed(0)
+    vae = SelfiesVAE(len(codec), codec.max_len, embed=8, hidden=16, latent=4)
+    logits, mu, logvar = vae(tokens)
+    assert logits.shape == (4, 20, len(codec)) and mu.shape == logvar.shape == (4, 4)
+    objective = VAEObjective(4, kl_weight=0.5)
+    batch = objective.prepare({"x1": tokens}, torch.Generator().manual_seed(0))
+    out = objective(vae, batch)
+    # the loss is the summed cross-entropy plus 0.5 KL, computed here by hand
+    logits, mu, logvar = vae(tokens, batch["eps"])
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, len(codec)), tokens.reshape(-1), reduction="sum") / 4
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum() / 4
+    assert torch.allclose(out.loss, ce + 0.5 * kl, atol=1e-5)
+    # greedy decoding is batched and agrees with the teacher-forced logits of its own output
+    z = torch.randn(3, 4)
+    decoded = vae.decode(z)
+    assert decoded.shape == (3, 20) and decoded.dtype == torch.long
+    assert torch.equal(vae.decode_logits(z, decoded).argmax(-1), decoded)
+    # a few hundred steps memorise four molecules: the posterior mean decodes back to each of them
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        loss = VAEObjective(4, kl_weight=0.01)(vae, VAEObjective(4).prepare({"x1": tokens}, g)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert codec.decode_tokens(vae.decode(vae.encode(tokens)[0])) == codec.decode_tokens(tokens)
+
+
 def test_write_samples_smiles_lines_and_grid(tmp_path):
     from domains.molecule.denovo import DeNovoExperiment
     from energyflow.experiment import SampleRecord
@@ -103,6 +149,8 @@ def test_beta_auto_keeps_the_batch_ess():
     ({"beta": -1.0}, "beta"), ({"models": ["efm", "gan"]}, "models"), ({"data": {"max_len": 1}}, "max_len"),
     ({"trainer": {"steps": 0}}, "steps"), ({"iterative": {"rounds": 0}}, "rounds"),
     ({"evaluation": {"nums": 3}}, "nums"), ({"dataset": "/no/such/file.smi"}, "no such file"),
+    ({"representation": "graph"}, "representation"), ({"net": {"layers": 2}}, "layers"),
+    ({"vae": {"latent": 0}}, "latent"),
     ({"energy": "combo", "target": 3.0}, "target"),
 ])
 def test_bad_settings_fail_before_any_work(kwargs, key):

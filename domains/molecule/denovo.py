@@ -64,8 +64,11 @@ from energyflow.validation import check_integer, check_mapping, check_number
 __all__ = ["DeNovoExperiment", "MODELS", "DeNovoData"]
 
 MODELS = ("unguided", "efm", "iterative")
+REPRESENTATIONS = ("latent", "tokens")
 DATA_KEYS = ("min_heavy", "max_heavy", "max_len", "max_molecules", "elements", "workers")
-NET_KEYS = ("hidden", "layers", "heads", "ff", "time_dim", "dropout")
+NET_KEYS = {"latent": ("hidden", "depth", "time_dim"), "tokens": ("hidden", "layers", "heads", "ff", "time_dim", "dropout")}
+NET_DEFAULTS = {"latent": {"hidden": 256, "depth": 3}, "tokens": {"hidden": 64, "layers": 2, "heads": 4, "ff": 128}}
+VAE_KEYS = ("embed", "hidden", "latent", "kl_weight", "steps", "batch_size", "lr", "grad_clip")
 ITERATIVE_KEYS = ("rounds", "num_samples", "steps", "lr")
 EVAL_KEYS = ("num_samples", "grid", "workers", "batch_size")
 
@@ -102,7 +105,13 @@ class DeNovoExperiment(Experiment):
         seed: seeds training and sampling.
         data: ``min_heavy`` / ``max_heavy`` heavy atoms, ``max_len`` SELFIES tokens, ``max_molecules``
             (a seeded subset, 0 = all), ``elements``, ``workers`` scoring the set (``auto``: all CPUs).
-        net: :class:`~domains.molecule.sequence_nets.SequenceField` arguments.
+        representation: ``latent`` (a flow in the latent space of a SELFIES autoencoder, the default) or
+            ``tokens`` (a flow over one-hot SELFIES tokens); see docs/molecules_denovo.md.
+        vae: the autoencoder of ``latent`` (:class:`~domains.molecule.selfies_vae.SelfiesVAE` sizes
+            ``embed`` / ``hidden`` / ``latent``, ``kl_weight``, and its training: ``steps``, ``batch_size``,
+            ``lr``, ``grad_clip``).
+        net: the flow's network: :class:`~energyflow.nets.MLPField` arguments (``latent``) or
+            :class:`~domains.molecule.sequence_nets.SequenceField` arguments (``tokens``).
         trainer: :class:`~energyflow.trainer.TrainerConfig` settings of the two trained models.
         sampler: the ODE sampler (``name``, ``steps``).
         loss: ``cross_entropy`` (of the predicted token probabilities) or ``squared`` error of the
@@ -120,6 +129,7 @@ class DeNovoExperiment(Experiment):
                  models: Sequence[str] | str = MODELS, seed: int = 0, data: Optional[dict] = None,
                  net: Optional[dict] = None, trainer: Optional[dict] = None, sampler: Optional[dict] = None,
                  iterative: Optional[dict] = None, evaluation: Optional[dict] = None, loss: str = "cross_entropy",
+                 representation: str = "latent", vae: Optional[dict] = None,
                  cache_dir: Optional[str] = None, progress: bool = True):
         from .properties import build_property_energy
 
@@ -151,7 +161,18 @@ class DeNovoExperiment(Experiment):
         check_integer(d["max_molecules"], "experiment.data.max_molecules", minimum=0)
         d["elements"] = [str(e) for e in d["elements"]]
         self.data_cfg = d
-        self.net_cfg = {"hidden": 64, "layers": 2, "heads": 4, "ff": 128, **check_mapping(net, "experiment.net", NET_KEYS)}
+        if representation not in REPRESENTATIONS:
+            raise InputError(f"experiment.representation must be one of {list(REPRESENTATIONS)}, got {representation!r}")
+        self.representation = representation
+        self.net_cfg = {**NET_DEFAULTS[representation],
+                        **check_mapping(net, f"experiment.net (representation={representation})", NET_KEYS[representation])}
+        v = {"embed": 64, "hidden": 192, "latent": 32, "kl_weight": 0.1, "steps": 2000, "batch_size": 128, "lr": 2e-3,
+             "grad_clip": 10.0, **check_mapping(vae, "experiment.vae", VAE_KEYS)}
+        for key in ("embed", "hidden", "latent", "steps", "batch_size"):
+            check_integer(v[key], f"experiment.vae.{key}", minimum=1)
+        check_number(v["kl_weight"], "experiment.vae.kl_weight", low=0.0)
+        check_number(v["lr"], "experiment.vae.lr", low=0.0, low_inclusive=False)
+        self.vae_cfg = v
         if loss not in ("cross_entropy", "squared"):
             raise InputError(f"experiment.loss must be 'cross_entropy' or 'squared', got {loss!r}")
         self.loss = loss
@@ -176,6 +197,7 @@ class DeNovoExperiment(Experiment):
         self.cache_dir = cache_dir
         self.progress = bool(progress)
         self._data: Optional[DeNovoData] = None
+        self._space_cache: Optional[dict[str, Any]] = None
 
     # -- data ---------------------------------------------------------------------------------------
     def _check_dataset(self) -> None:
@@ -272,18 +294,103 @@ class DeNovoExperiment(Experiment):
     def _trainer_key(self) -> dict[str, Any]:
         return {k: v for k, v in self.trainer_cfg.items() if k not in ("progress", "log_every", "device", "num_threads")}
 
+    def vae_stage(self, run_dir: str) -> Stage:
+        """The autoencoder of ``representation: latent``, with the posterior means of the molecule set."""
+        return Stage("denovo-vae", {"vae": self.vae_cfg, "seed": self.seed, "format": 1}, self._root(run_dir),
+                     upstream=[self.data_stage(run_dir)])
+
+    def train_vae(self, run_dir: str) -> Stage:
+        """Train (or reuse) the autoencoder: ``vae.pt`` (a model file) and ``latents.pt`` (``mu`` ``[N, latent]``
+        of every molecule, the per-dimension ``mean`` / ``std`` the flow is standardised by, and the
+        fraction of molecules the greedy decoder reconstructs exactly)."""
+        from energyflow.data import TensorBatchSource
+
+        from .selfies_vae import SelfiesVAE, VAEObjective
+
+        data = self.data(run_dir)
+        stage = self.vae_stage(run_dir)
+        v = self.vae_cfg
+
+        def fit(folder: str) -> dict[str, Any]:
+            torch.manual_seed(self.seed)
+            net = SelfiesVAE(len(data.codec), data.codec.max_len, embed=int(v["embed"]), hidden=int(v["hidden"]),
+                             latent=int(v["latent"]))
+            config = TrainerConfig.from_dict({**self.trainer_cfg, "steps": int(v["steps"]), "batch_size": int(v["batch_size"]),
+                                              "lr": float(v["lr"]), "grad_clip": float(v["grad_clip"]), "seed": self.seed},
+                                             "experiment.vae")
+            summary = fit_and_save(net, VAEObjective(int(v["latent"]), float(v["kl_weight"])),
+                                   TensorBatchSource({"x1": data.tokens}), config, os.path.join(folder, "train"),
+                                   os.path.join(folder, "vae.pt"), meta={"codec": data.codec.to_dict()}, name="vae")
+            vae = load_model(os.path.join(folder, "vae.pt")).net.eval()
+            with torch.no_grad():
+                mu = torch.cat([vae.encode(data.tokens[i:i + 1024])[0] for i in range(0, len(data), 1024)])
+                decoded = torch.cat([vae.decode(mu[i:i + 1024]) for i in range(0, len(data), 1024)])
+            exact = float(np.mean([a == b for a, b in zip(data.codec.decode_tokens(decoded), data.smiles)]))
+            atomic_torch_save({"mu": mu, "mean": mu.mean(0), "std": mu.std(0).clamp_min(1e-6), "recon_exact": exact},
+                              os.path.join(folder, "latents.pt"))
+            return {**summary, "recon_exact": exact}
+
+        stage.run(fit)
+        return stage
+
     def model_stage(self, run_dir: str, kind: str) -> Stage:
         data_stage = self.data_stage(run_dir)
-        spec: dict[str, Any] = {"kind": kind, "net": self.net_cfg, "loss": self.loss, "trainer": self._trainer_key(),
-                                "seed": self.seed, "format": 1}
+        spec: dict[str, Any] = {"kind": kind, "representation": self.representation, "net": self.net_cfg,
+                                "trainer": self._trainer_key(), "seed": self.seed, "format": 2}
         upstream = [data_stage]
+        if self.representation == "latent":
+            upstream.append(self.vae_stage(run_dir))
+        else:
+            spec["loss"] = self.loss
         if kind != "unguided":
             spec.update(energy=self._energy_key(), beta=self.resolve_beta(self.data(run_dir)))
         if kind == "iterative":
             spec["iterative"] = self.iterative_cfg
             spec["sampler"] = self.sampler_cfg
-            upstream = [data_stage, self.model_stage(run_dir, "unguided")]
+            upstream.append(self.model_stage(run_dir, "unguided"))
         return Stage(f"denovo-{kind}", spec, self._root(run_dir), upstream=upstream)
+
+    def _space(self, run_dir: str) -> dict[str, Any]:
+        """What the flow of this representation works on: ``x1`` ``[N, ...]`` (the molecule set in flow
+        space), ``event_shape``, ``to_tokens`` (flow samples → token indices ``[B, L]``), ``prediction``,
+        ``error`` and ``sample_transform`` for the losses and the iterative rounds."""
+        if self._space_cache is not None:
+            return self._space_cache
+        self._space_cache = self._build_space(run_dir)
+        return self._space_cache
+
+    def _build_space(self, run_dir: str) -> dict[str, Any]:
+        data = self.data(run_dir)
+        codec = data.codec
+        if self.representation == "tokens":
+            from energyflow.losses import OneHotCrossEntropy
+
+            return {"x1": codec.to_continuous(data.tokens), "event_shape": codec.event_shape,
+                    "to_tokens": codec.from_continuous, "prediction": "x1",
+                    "error": OneHotCrossEntropy(codec.scale) if self.loss == "cross_entropy" else None,
+                    "sample_transform": lambda x: codec.to_continuous(codec.from_continuous(x))}
+        stage = self.train_vae(run_dir)
+        lat = load_torch(stage.file("latents.pt"), what="latent codes")
+        vae = load_model(stage.file("vae.pt")).net.eval()
+        mean, std = lat["mean"], lat["std"]
+
+        def to_tokens(z: Tensor) -> Tensor:
+            z = z.float().cpu() * std + mean
+            return torch.cat([vae.decode(z[i:i + 1024]) for i in range(0, z.shape[0], 1024)]) if len(z) else \
+                torch.zeros(0, codec.max_len, dtype=torch.long)
+
+        return {"x1": (lat["mu"] - mean) / std, "event_shape": (int(self.vae_cfg["latent"]),), "to_tokens": to_tokens,
+                "prediction": None, "error": None, "sample_transform": None, "recon_exact": lat["recon_exact"]}
+
+    def _network(self, data: DeNovoData) -> torch.nn.Module:
+        if self.representation == "tokens":
+            from .sequence_nets import SequenceField
+
+            return SequenceField(len(data.codec), data.codec.max_len, output="x1", scale=data.codec.scale,
+                                 **self.net_cfg)
+        from energyflow.nets import MLPField
+
+        return MLPField(int(self.vae_cfg["latent"]), **self.net_cfg)
 
     def train(self, run_dir: str, kind: str) -> str:
         if kind == "iterative":
@@ -292,40 +399,30 @@ class DeNovoExperiment(Experiment):
         from energyflow.losses import EnergyWeightedLoss, FlowMatchingLoss
         from energyflow.paths import CondOTPath
 
-        from .sequence_nets import SequenceField
-
         data = self.data(run_dir)
+        space = self._space(run_dir)
         stage = self.model_stage(run_dir, kind)
         beta = 0.0 if kind == "unguided" else self.resolve_beta(data)
 
         def fit(folder: str) -> dict[str, Any]:
             torch.manual_seed(self.seed)
-            x1 = data.codec.to_continuous(data.tokens)
             if kind == "efm":
-                source = TensorBatchSource({"x1": x1, "energy": torch.from_numpy(self.energy(data.props))})
-                objective = EnergyWeightedLoss(CondOTPath(), beta, prediction="x1", error=self._error(data))
+                source = TensorBatchSource({"x1": space["x1"], "energy": torch.from_numpy(self.energy(data.props))})
+                objective = EnergyWeightedLoss(CondOTPath(), beta, prediction=space["prediction"], error=space["error"])
             else:
-                source = TensorBatchSource({"x1": x1})
-                objective = FlowMatchingLoss(CondOTPath(), prediction="x1", error=self._error(data))
-            net = SequenceField(len(data.codec), data.codec.max_len, output="x1", scale=data.codec.scale,
-                                **self.net_cfg)
+                source = TensorBatchSource({"x1": space["x1"]})
+                objective = FlowMatchingLoss(CondOTPath(), prediction=space["prediction"], error=space["error"])
             config = TrainerConfig.from_dict({**self.trainer_cfg, "seed": self.seed}, "experiment.trainer")
-            return fit_and_save(net, objective, source, config, os.path.join(folder, "train"),
-                                os.path.join(folder, "model.pt"), path="ot", prediction="x1",
+            return fit_and_save(self._network(data), objective, source, config, os.path.join(folder, "train"),
+                                os.path.join(folder, "model.pt"), path="ot", prediction=space["prediction"],
                                 meta=self._meta(kind, beta), name=kind)
 
         stage.run(fit)
         return stage.file("model.pt")
 
-    def _error(self, data: DeNovoData) -> Any:
-        """The loss's elementwise error: the cross-entropy of the predicted token probabilities, or ``None``
-        (squared error); both are minimised by E[x1 | x_t] (:class:`~energyflow.losses.OneHotCrossEntropy`)."""
-        from energyflow.losses import OneHotCrossEntropy
-
-        return OneHotCrossEntropy(data.codec.scale) if self.loss == "cross_entropy" else None
-
     def _meta(self, kind: str, beta: float) -> dict[str, Any]:
-        return {"kind": kind, "beta": beta, "energy": self.energy.describe(), "sampler": self.sampler_cfg}
+        return {"kind": kind, "beta": beta, "energy": self.energy.describe(), "sampler": self.sampler_cfg,
+                "representation": self.representation}
 
     def _train_iterative(self, run_dir: str) -> str:
         from energyflow.energies import BlackBoxEnergy
@@ -336,62 +433,59 @@ class DeNovoExperiment(Experiment):
         data = self.data(run_dir)
         beta = self.resolve_beta(data)
         base = self.train(run_dir, "unguided")
+        space = self._space(run_dir)
         stage = self.model_stage(run_dir, "iterative")
         it = self.iterative_cfg
-        codec = data.codec
         workers = self._workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
 
         def score(x_np: np.ndarray) -> np.ndarray:
-            smiles = codec.decode(torch.from_numpy(x_np))
+            smiles = data.codec.decode_tokens(space["to_tokens"](torch.from_numpy(x_np)))
             return self.energy.from_smiles(smiles, workers=workers)[0]
 
-        def project(x: Tensor) -> Tensor:
-            return codec.to_continuous(codec.from_continuous(x))
+        def report(_net: Any, r: Any) -> dict:
+            print(f"iterative round {r.round}: beta {r.beta:g}, fresh samples' mean energy {r.mean_energy:.3f} "
+                  f"(tilted estimate {r.tilted_mean_energy:.3f}), batch ESS {r.ess_fraction:.2f}", flush=True)
+            return {}
 
         def fit(folder: str) -> dict[str, Any]:
             saved = load_model(base, map_location=device)
             rounds = [beta * (k + 1) for k in range(int(it["rounds"]))]
             trainer = {**self.trainer_cfg, "steps": int(it["steps"]), "lr": float(it["lr"]), "warmup_steps": 0,
                        "lr_schedule": "constant", "seed": self.seed}
-
-            def report(_net: Any, r: Any) -> dict:
-                print(f"iterative round {r.round}: beta {r.beta:g}, fresh samples' mean energy {r.mean_energy:.3f} "
-                      f"(tilted estimate {r.tilted_mean_energy:.3f}), batch ESS {r.ess_fraction:.2f}", flush=True)
-                return {}
-
             result = iterative_tilt(saved.net, CondOTPath(), BlackBoxEnergy(score), rounds, int(it["num_samples"]),
-                                    codec.event_shape, trainer=trainer, sampler=self.sampler_cfg, seed=self.seed,
-                                    out_dir=os.path.join(folder, "rounds"), sample_transform=project,
-                                    chunk=int(self.eval_cfg["batch_size"]), prediction="x1", error=self._error(data),
-                                    callback=report)
+                                    space["event_shape"], trainer=trainer, sampler=self.sampler_cfg, seed=self.seed,
+                                    out_dir=os.path.join(folder, "rounds"), sample_transform=space["sample_transform"],
+                                    chunk=int(self.eval_cfg["batch_size"]), prediction=space["prediction"],
+                                    error=space["error"], callback=report)
             records = [{"round": r.round, "beta": r.beta, "ess_fraction": r.ess_fraction,
                         "mean_energy": r.mean_energy, "tilted_mean_energy": r.tilted_mean_energy,
                         "sample_seconds": r.sample_seconds, "train_seconds": r.train_seconds} for r in result.records]
             meta = {**self._meta("iterative", rounds[-1]), "rounds": records}
-            save_model_file(os.path.join(folder, "model.pt"), result.net, path="ot", prediction="x1", meta=meta)
+            save_model_file(os.path.join(folder, "model.pt"), result.net, path="ot", prediction=space["prediction"],
+                            meta=meta)
             return {"rounds": records, "final_beta": rounds[-1]}
 
         stage.run(fit)
         return stage.file("model.pt")
 
     # -- sampling -----------------------------------------------------------------------------------
-    def generate(self, model_file: str, codec: Any, num: int, seed: int, sampler: Optional[dict] = None,
-                 device: Any = "cpu") -> tuple[list[Optional[str]], Tensor, float]:
-        """``num`` molecules of a model over ``codec``'s tokens: their SMILES (``None`` when a decoded
-        sequence is empty or unsanitisable), their tokens ``[num, L]`` and the sampling seconds."""
+    def generate(self, model_file: str, space: dict[str, Any], codec: Any, num: int, seed: int,
+                 sampler: Optional[dict] = None, device: Any = "cpu") -> tuple[list[Optional[str]], Tensor, float]:
+        """``num`` molecules of a model: their SMILES (``None`` when a decoded sequence is empty or
+        unsanitisable), their tokens ``[num, L]`` and the sampling seconds (flow and decoding)."""
         model = load_model(model_file, map_location=device)
         predictor = model.predictor()
         smp = sampler_from_config(self.sampler_cfg, sampler)
         gen = torch.Generator().manual_seed(int(seed))
-        x0 = initial_noise(int(num), codec.event_shape, generator=gen)
+        x0 = initial_noise(int(num), space["event_shape"], generator=gen)
         chunk = int(self.eval_cfg["batch_size"])
         tokens = []
         start = time.perf_counter()
         with torch.no_grad():
             for lo in range(0, int(num), chunk):
                 x = smp.sample(predictor, x0[lo:lo + chunk].to(device), None, generator=gen).x
-                tokens.append(codec.from_continuous(x.float().cpu()))
+                tokens.append(space["to_tokens"](x.float().cpu()))
         seconds = time.perf_counter() - start
         tokens_t = torch.cat(tokens)
         return codec.decode_tokens(tokens_t), tokens_t, seconds
@@ -408,7 +502,7 @@ class DeNovoExperiment(Experiment):
         file = self.model_stage(run_dir, kind).file("model.pt")
         if not os.path.exists(file):
             raise InputError(f"no trained {kind} model for {run_dir} (did the run finish? is the cache at {self._root(run_dir)}?)")
-        smiles, tokens, seconds = self.generate(file, codec, int(num_samples), seed, sampler)
+        smiles, tokens, seconds = self.generate(file, self._space(run_dir), codec, int(num_samples), seed, sampler)
         return SampleRecord(x=tokens, meta={"model": kind, "seconds": seconds, "smiles": smiles})
 
     sample_formats = (".smi", ".png", ".svg")
@@ -468,8 +562,9 @@ class DeNovoExperiment(Experiment):
             f"training best-{len(best)}": ([data.smiles[i] for i in best], {k: v[best] for k, v in data.props.items()},
                                            None),
         }
+        space = self._space(run_dir)
         for kind, file in files.items():
-            smiles, _, seconds = self.generate(file, data.codec, n, self.seed + 12345, sampler, device)
+            smiles, _, seconds = self.generate(file, space, data.codec, n, self.seed + 12345, sampler, device)
             groups[kind] = (smiles, compute_properties(smiles, PROPERTY_NAMES, workers=workers), seconds / n)
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         rows = {}
@@ -494,7 +589,10 @@ class DeNovoExperiment(Experiment):
                                  os.path.join(run_dir, "properties.png"), targets=self.energy.targets)
         out: dict[str, Any] = {"dataset": self.dataset, "energy": self.energy.describe(), "targets": self.energy.targets,
                                "beta": beta, "beta_setting": self.beta_setting, "seed": self.seed,
-                               "molecules": len(data), "skipped": data.skips, "num_samples": n, "rows": rows}
+                               "molecules": len(data), "skipped": data.skips, "num_samples": n, "rows": rows,
+                               "representation": self.representation}
+        if "recon_exact" in space:
+            out["vae_reconstruction_exact"] = space["recon_exact"]
         if "iterative" in files:
             out["iterative_final_beta"] = beta * int(self.iterative_cfg["rounds"])
         return out
