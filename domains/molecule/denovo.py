@@ -6,26 +6,26 @@ file), known only through its members, and E(m) a property energy computed by RD
 
     q(m) ∝ p(m) · exp(−β E(m))
 
-**Representation.**  Each molecule is its SELFIES string, cut into at most ``max_len`` tokens,
-padded with ``[nop]`` and one-hot encoded; the flow runs on ``x = 2·onehot − 1`` ``[L, V]`` from
-Gaussian noise (:class:`~domains.molecule.selfies_codec.SelfiesCodec`).  A sample is decoded by
-the argmax token at each position.  SELFIES was chosen because *every* token sequence decodes to
-a molecule that obeys valence rules, so validity never limits what the flow may explore and the
-energies of the model's own samples are always defined; the price is that the decoder repairs
-what a graph model would have to learn (a too-many-bonds token is shortened), so validity alone
-says little, and uniqueness, novelty and the property distributions carry the evaluation.
+**Representation** (``representation``; docs/molecules_denovo.md).  Molecules are SELFIES token
+sequences (:class:`~domains.molecule.selfies_codec.SelfiesCodec`): every token sequence decodes to a
+molecule that obeys valence rules, so the energies of the model's own samples are always defined.
 
-**Models** (``models``), all the same transformer (:class:`~domains.molecule.sequence_nets.SequenceField`)
-on the conditional-OT path:
+* ``latent`` (default): a β-VAE over the tokens (:class:`~domains.molecule.selfies_vae.SelfiesVAE`,
+  GRU encoder, autoregressive GRU decoder) and a flow (:class:`~energyflow.nets.MLPField`) over the
+  molecules' standardised posterior means; samples are decoded greedily;
+* ``tokens``: a flow over ``2·onehot − 1`` ``[L, V]`` with a transformer that predicts the clean
+  tokens on the simplex (:class:`~domains.molecule.sequence_nets.SequenceField`), decoded by argmax.
+
+**Models** (``models``), all flows on the conditional-OT path:
 
 * ``unguided``: flow matching on the molecule set, the baseline;
 * ``efm``: energy-weighted flow matching: each batch's loss weighted by softmax(−βE) of its
   molecules' RDKit scores, computed once from the training molecules (no network predicts them,
   no gradient of E is taken);
 * ``iterative``: iterative EFM (:func:`energyflow.iterative.iterative_tilt`) from the unguided
-  model: each round samples molecules from the current model, scores the *decoded* molecules
-  with RDKit and refits by EFM at Δβ = β, so after K rounds the target is p·exp(−Kβ E) and the
-  chain reaches molecules the data's single batch cannot weight (docs/molecules_denovo.md).
+  model: each round samples from the current model, scores the *decoded* molecules with RDKit
+  and refits by EFM at Δβ = β, so after K rounds the target is p·exp(−Kβ E) and the chain
+  reaches molecules the data's single batch cannot weight.
 
 β: a number, or ``auto``: the β at which softmax(−βE) over a training batch keeps a mean
 effective sample size of ``beta_auto_ess`` of the batch (a scale-free choice made on the
