@@ -166,7 +166,7 @@ class DeNovoExperiment(Experiment):
         self.representation = representation
         self.net_cfg = {**NET_DEFAULTS[representation],
                         **check_mapping(net, f"experiment.net (representation={representation})", NET_KEYS[representation])}
-        v = {"embed": 64, "hidden": 192, "latent": 32, "kl_weight": 0.1, "steps": 2000, "batch_size": 128, "lr": 2e-3,
+        v = {"embed": 64, "hidden": 192, "latent": 32, "kl_weight": 0.01, "steps": 2000, "batch_size": 128, "lr": 2e-3,
              "grad_clip": 10.0, **check_mapping(vae, "experiment.vae", VAE_KEYS)}
         for key in ("embed", "hidden", "latent", "steps", "batch_size"):
             check_integer(v[key], f"experiment.vae.{key}", minimum=1)
@@ -181,7 +181,7 @@ class DeNovoExperiment(Experiment):
                             **check_mapping(trainer, "experiment.trainer")}
         TrainerConfig.from_dict(self.trainer_cfg, "experiment.trainer")   # bad settings fail before any work
         self.sampler_cfg = {"name": "euler", "steps": 50, **check_mapping(sampler, "experiment.sampler")}
-        it = {"rounds": 3, "num_samples": 2048, "steps": 600, "lr": 2e-4,
+        it = {"rounds": 5, "num_samples": 2048, "steps": 2000, "lr": 1e-3,
               **check_mapping(iterative, "experiment.iterative", ITERATIVE_KEYS)}
         check_integer(it["rounds"], "experiment.iterative.rounds", minimum=1)
         check_integer(it["num_samples"], "experiment.iterative.num_samples", minimum=2)
