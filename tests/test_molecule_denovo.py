@@ -158,3 +158,27 @@ def test_bad_settings_fail_before_any_work(kwargs, key):
 
     with pytest.raises(InputError, match=key):
         DeNovoExperiment(**kwargs)
+
+
+def test_denovo_table_averages_runs(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("denovo_table", os.path.join(ROOT, "benchmarks", "molecule_denovo_table.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dirs = []
+    for seed, qed in [(0, 0.5), (1, 0.7)]:
+        row = {"validity": 1.0, "uniqueness": 0.9, "novelty": 0.8, "internal_diversity": 0.85, "target_fraction": qed / 2,
+               "properties": {"qed": {"mean": qed}}, "seconds_per_molecule": 0.001}
+        result = {"dataset": "nci", "energy": "−QED", "beta": 10.0, "beta_setting": "auto", "num_samples": 10,
+                  "seed": seed, "representation": "latent", "rows": {"iterative": row, "training set": dict(row)}}
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(result))
+        dirs.append(str(d))
+    assert module.main(dirs) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| training set") and lines[2].startswith("| iterative")
+    assert "0.600 ± 0.100" in lines[2] and "1.00 ± 0.00" in lines[2]
+    assert module.main([str(tmp_path / "missing")]) == 2
