@@ -182,3 +182,30 @@ def test_denovo_table_averages_runs(tmp_path, capsys):
     assert lines[1].startswith("| training set") and lines[2].startswith("| iterative")
     assert "0.600 ± 0.100" in lines[2] and "1.00 ± 0.00" in lines[2]
     assert module.main([str(tmp_path / "missing")]) == 2
+
+
+def test_efm_scores_decoded_or_data(tmp_path, smiles_file):
+    """EFM on latent codes weights each code by its training molecule's energy (data) or by the energy of
+    the molecule the code decodes to (decoded: exact for the model's decoded distribution)."""
+    from domains.molecule.denovo import DeNovoExperiment
+    from domains.molecule.selfies_vae import SelfiesVAE  # noqa: F401 - registers the class
+    from energyflow.files import load_torch
+    from energyflow.models import load_model
+
+    kwargs = dict(dataset=str(smiles_file), data={"min_heavy": 2, "workers": 1}, vae={"steps": 30},
+                  trainer={"batch_size": 8, "progress": False}, evaluation={"workers": 1}, progress=False,
+                  cache_dir=str(tmp_path / "cache"))
+    run_dir = str(tmp_path / "run")
+    exp = DeNovoExperiment(efm_scores="data", **kwargs)
+    data = exp.data(run_dir)
+    np.testing.assert_array_equal(exp.efm_energies(run_dir), exp.energy(data.props))
+    decoded = DeNovoExperiment(efm_scores="decoded", **kwargs)
+    stage = decoded.train_vae(run_dir)
+    lat = load_torch(stage.file("latents.pt"))
+    vae = load_model(stage.file("vae.pt")).net.eval()
+    smiles = data.codec.decode_tokens(vae.decode(lat["mu"]))
+    expected = decoded.energy.from_smiles(smiles)[0]
+    np.testing.assert_allclose(decoded.efm_energies(run_dir), expected)
+    assert decoded.model_stage(run_dir, "efm").key != exp.model_stage(run_dir, "efm").key
+    with pytest.raises(InputError, match="efm_scores"):
+        DeNovoExperiment(efm_scores="both")

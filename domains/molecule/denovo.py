@@ -107,6 +107,9 @@ class DeNovoExperiment(Experiment):
             (a seeded subset, 0 = all), ``elements``, ``workers`` scoring the set (``auto``: all CPUs).
         representation: ``latent`` (a flow in the latent space of a SELFIES autoencoder, the default) or
             ``tokens`` (a flow over one-hot SELFIES tokens); see docs/molecules_denovo.md.
+        efm_scores: with ``latent``, what EFM's weights score: ``decoded``, the molecule each training
+            latent code decodes to (exact for the model's decoded distribution, whose codes do not all
+            reconstruct their molecules), or ``data``, the training molecule itself.
         vae: the autoencoder of ``latent`` (:class:`~domains.molecule.selfies_vae.SelfiesVAE` sizes
             ``embed`` / ``hidden`` / ``latent``, ``kl_weight``, and its training: ``steps``, ``batch_size``,
             ``lr``, ``grad_clip``).
@@ -129,7 +132,7 @@ class DeNovoExperiment(Experiment):
                  models: Sequence[str] | str = MODELS, seed: int = 0, data: Optional[dict] = None,
                  net: Optional[dict] = None, trainer: Optional[dict] = None, sampler: Optional[dict] = None,
                  iterative: Optional[dict] = None, evaluation: Optional[dict] = None, loss: str = "cross_entropy",
-                 representation: str = "latent", vae: Optional[dict] = None,
+                 representation: str = "latent", vae: Optional[dict] = None, efm_scores: str = "decoded",
                  cache_dir: Optional[str] = None, progress: bool = True):
         from .properties import build_property_energy
 
@@ -164,6 +167,9 @@ class DeNovoExperiment(Experiment):
         if representation not in REPRESENTATIONS:
             raise InputError(f"experiment.representation must be one of {list(REPRESENTATIONS)}, got {representation!r}")
         self.representation = representation
+        if efm_scores not in ("decoded", "data"):
+            raise InputError(f"experiment.efm_scores must be 'decoded' or 'data', got {efm_scores!r}")
+        self.efm_scores = efm_scores
         self.net_cfg = {**NET_DEFAULTS[representation],
                         **check_mapping(net, f"experiment.net (representation={representation})", NET_KEYS[representation])}
         v = {"embed": 64, "hidden": 192, "latent": 32, "kl_weight": 0.01, "steps": 2000, "batch_size": 128, "lr": 2e-3,
@@ -344,6 +350,8 @@ class DeNovoExperiment(Experiment):
             spec["loss"] = self.loss
         if kind != "unguided":
             spec.update(energy=self._energy_key(), beta=self.resolve_beta(self.data(run_dir)))
+        if kind == "efm" and self.representation == "latent":
+            spec["efm_scores"] = self.efm_scores
         if kind == "iterative":
             spec["iterative"] = self.iterative_cfg
             spec["sampler"] = self.sampler_cfg
@@ -407,7 +415,7 @@ class DeNovoExperiment(Experiment):
         def fit(folder: str) -> dict[str, Any]:
             torch.manual_seed(self.seed)
             if kind == "efm":
-                source = TensorBatchSource({"x1": space["x1"], "energy": torch.from_numpy(self.energy(data.props))})
+                source = TensorBatchSource({"x1": space["x1"], "energy": torch.from_numpy(self.efm_energies(run_dir))})
                 objective = EnergyWeightedLoss(CondOTPath(), beta, prediction=space["prediction"], error=space["error"])
             else:
                 source = TensorBatchSource({"x1": space["x1"]})
@@ -419,6 +427,17 @@ class DeNovoExperiment(Experiment):
 
         stage.run(fit)
         return stage.file("model.pt")
+
+    def efm_energies(self, run_dir: str) -> np.ndarray:
+        """The energies EFM weights the molecule set by ``[N]``: of the training molecules, or (``latent`` with
+        ``efm_scores: decoded``) of the molecules their latent codes decode to, scored by RDKit once."""
+        data = self.data(run_dir)
+        if self.representation != "latent" or self.efm_scores == "data":
+            return self.energy(data.props)
+        space = self._space(run_dir)
+        smiles = data.codec.decode_tokens(space["to_tokens"](space["x1"]))
+        workers = self._workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
+        return self.energy.from_smiles(smiles, workers=workers)[0]
 
     def _meta(self, kind: str, beta: float) -> dict[str, Any]:
         return {"kind": kind, "beta": beta, "energy": self.energy.describe(), "sampler": self.sampler_cfg,
@@ -590,7 +609,7 @@ class DeNovoExperiment(Experiment):
         out: dict[str, Any] = {"dataset": self.dataset, "energy": self.energy.describe(), "targets": self.energy.targets,
                                "beta": beta, "beta_setting": self.beta_setting, "seed": self.seed,
                                "molecules": len(data), "skipped": data.skips, "num_samples": n, "rows": rows,
-                               "representation": self.representation}
+                               "representation": self.representation, "efm_scores": self.efm_scores}
         if "recon_exact" in space:
             out["vae_reconstruction_exact"] = space["recon_exact"]
         if "iterative" in files:
