@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from .files import atomic_torch_save  # noqa: F401  (re-exported: where it lived before energyflow.files)
 
-__all__ = ["resolve_device", "seed_everything", "set_threads", "auto_threads", "available_cpus", "DistInfo", "init_distributed",
+__all__ = ["resolve_device", "seed_everything", "set_threads", "auto_threads", "available_cpus", "resolve_workers",
+           "DistInfo", "init_distributed",
            "atomic_torch_save", "is_main_process", "broadcast_object"]
 
 
@@ -37,6 +38,16 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def resolve_workers(value: Any, key: str) -> int:
+    """A worker-process count from a setting: ``"auto"`` (the CPUs this process may use) or an
+    integer ≥ 1; anything else is an :class:`~energyflow.errors.InputError` naming ``key``."""
+    if value == "auto":
+        return available_cpus()
+    from .validation import check_integer
+
+    return check_integer(value, key, minimum=1)
 
 
 def auto_threads() -> int:

@@ -55,7 +55,7 @@ from energyflow.errors import InputError
 from energyflow.experiment import Experiment, SampleRecord, fit_and_save, write_json
 from energyflow.files import atomic_open, atomic_torch_save, load_torch, write_text
 from energyflow.models import load_model
-from energyflow.runtime import resolve_device
+from energyflow.runtime import resolve_device, resolve_workers
 from energyflow.sampling import initial_noise, sampler_from_config
 from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import TrainerConfig
@@ -224,14 +224,6 @@ class DeNovoExperiment(Experiment):
     def _root(self, run_dir: str) -> str:
         return self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "stages")
 
-    @staticmethod
-    def _workers(value: Any, key: str) -> int:
-        if value == "auto":
-            from energyflow.runtime import available_cpus
-
-            return available_cpus()
-        return check_integer(value, key, minimum=1)
-
     def data_stage(self, run_dir: str) -> Stage:
         import rdkit
         import selfies
@@ -274,7 +266,8 @@ class DeNovoExperiment(Experiment):
                              f"(skipped: {counts}); widen experiment.data.min_heavy / max_heavy / max_len")
         tokens, kept2, _ = codec.encode(smiles)
         assert len(kept2) == len(smiles)
-        props = compute_properties(smiles, PROPERTY_NAMES, workers=self._workers(d["workers"], "experiment.data.workers"))
+        workers = resolve_workers(d["workers"], "experiment.data.workers")
+        props = compute_properties(smiles, PROPERTY_NAMES, workers=workers)
         record = {"smiles": smiles, "tokens": tokens, "codec": codec.to_dict(),
                   "props": {k: torch.from_numpy(v) for k, v in props.items()}, "skips": counts}
         atomic_torch_save(record, os.path.join(folder, "dataset.pt"))
@@ -436,7 +429,7 @@ class DeNovoExperiment(Experiment):
             return self.energy(data.props)
         space = self._space(run_dir)
         smiles = data.codec.decode_tokens(space["to_tokens"](space["x1"]))
-        workers = self._workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
+        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         return self.energy.from_smiles(smiles, workers=workers)[0]
 
     def _meta(self, kind: str, beta: float) -> dict[str, Any]:
@@ -455,7 +448,7 @@ class DeNovoExperiment(Experiment):
         space = self._space(run_dir)
         stage = self.model_stage(run_dir, "iterative")
         it = self.iterative_cfg
-        workers = self._workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
+        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
 
         def score(x_np: np.ndarray) -> np.ndarray:
@@ -571,7 +564,7 @@ class DeNovoExperiment(Experiment):
         data = self.data(run_dir)
         beta = self.resolve_beta(data)
         n = int(self.eval_cfg["num_samples"])
-        workers = self._workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
+        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
         training = set(data.smiles)
         train_energy = self.energy(data.props)

@@ -38,7 +38,6 @@ of the input file; reference ensembles are also cached per molecule, so an inter
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -52,7 +51,7 @@ from energyflow.experiment import Experiment, SampleRecord, fit_and_save, write_
 from energyflow.files import atomic_open, load_torch, atomic_torch_save
 from energyflow.models import load_model
 from energyflow.priors import CenteredGaussianPrior
-from energyflow.runtime import resolve_device
+from energyflow.runtime import resolve_device, resolve_workers
 from energyflow.sampling import sampler_from_config
 from energyflow.stages import Stage, fingerprint
 from energyflow.trainer import TrainerConfig
@@ -197,14 +196,6 @@ class ConformerExperiment(Experiment):
     def _root(self, run_dir: str) -> str:
         return self.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), "stages")
 
-    @staticmethod
-    def _workers(value: Any, key: str) -> int:
-        if value == "auto":
-            from energyflow.runtime import available_cpus
-
-            return available_cpus()
-        return check_integer(value, key, minimum=1)
-
     def data_stage(self, run_dir: str) -> Stage:
         import rdkit
 
@@ -240,7 +231,7 @@ class ConformerExperiment(Experiment):
             ensembles, eskips = reference_ensembles(
                 mols, num_confs=int(r["num_confs"]), seed=int(r["seed"]), max_iters=int(r["max_iters"]),
                 cache_dir=os.path.join(os.path.dirname(folder), "conformers"),
-                workers=self._workers(r["workers"], "experiment.reference.workers"), progress=self.progress)
+                workers=resolve_workers(r["workers"], "experiment.reference.workers"), progress=self.progress)
         counts = {**skips.as_dict(), **{k: v for k, v in eskips.as_dict().items() if v}}
         keep = [i for i, e in enumerate(ensembles) if e is not None and e.coords.shape[0] == int(r["num_confs"])]
         counts["few_conformers"] = sum(1 for e in ensembles if e is not None and e.coords.shape[0] != int(r["num_confs"]))
@@ -387,7 +378,6 @@ class ConformerExperiment(Experiment):
 
     # -- evaluation ---------------------------------------------------------------------------------
     def run(self, run_dir: str) -> dict[str, Any]:
-        data = self.data(run_dir)
         files = {kind: self.train(run_dir, kind) for kind in self.models}
         results = self.evaluate_files(run_dir, files)
         write_json(results, os.path.join(run_dir, "results.json"))
@@ -418,10 +408,10 @@ class ConformerExperiment(Experiment):
         ref_min = np.array([float(data.energies[i].min()) for i in idx])
         rows = {}
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        with EnergyPool(mols, workers=self._workers(e["workers"], "experiment.evaluation.workers"),
+        with EnergyPool(mols, workers=resolve_workers(e["workers"], "experiment.evaluation.workers"),
                         relax_steps=int(e["relax_steps"])) as pool:
             for name, (confs, seconds) in generated.items():
-                covs, rel, raw, bonds = [], [], [], []
+                covs, bonds = [], []
                 for j, (mol, gen) in enumerate(zip(mols, confs)):
                     ref = data.coords[idx[j]].numpy()
                     covs.append(coverage(heavy_atom_rmsd_matrix(mol, gen, ref), tuple(e["thresholds"])))
