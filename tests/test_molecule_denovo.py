@@ -152,6 +152,7 @@ def test_beta_auto_keeps_the_batch_ess():
     ({"representation": "graph"}, "representation"), ({"net": {"layers": 2}}, "layers"),
     ({"vae": {"latent": 0}}, "latent"),
     ({"energy": "combo", "target": 3.0}, "target"),
+    ({"data": {"workers": 0}}, "experiment.data.workers"), ({"evaluation": {"workers": "many"}}, "experiment.evaluation.workers"),
 ])
 def test_bad_settings_fail_before_any_work(kwargs, key):
     from domains.molecule.denovo import DeNovoExperiment

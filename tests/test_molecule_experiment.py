@@ -68,4 +68,8 @@ def test_bad_settings_fail_before_any_work(tmp_path):
         ConformerExperiment(group_size=5, trainer={"batch_size": 64})
     with pytest.raises(InputError, match="experiment.data: unknown key"):
         ConformerExperiment(data={"max_atoms": 3})
+    with pytest.raises(InputError, match="experiment.reference.workers"):
+        ConformerExperiment(reference={"workers": 0})
+    with pytest.raises(InputError, match="experiment.evaluation.workers"):
+        ConformerExperiment(evaluation={"workers": "many"})
     assert abs(ConformerExperiment(beta=1.0).temperature - 503.2) < 0.1

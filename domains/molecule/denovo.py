@@ -164,6 +164,7 @@ class DeNovoExperiment(Experiment):
         check_integer(d["max_molecules"], "experiment.data.max_molecules", minimum=0)
         d["elements"] = [str(e) for e in d["elements"]]
         self.data_cfg = d
+        self.data_workers = resolve_workers(d["workers"], "experiment.data.workers")
         if representation not in REPRESENTATIONS:
             raise InputError(f"experiment.representation must be one of {list(REPRESENTATIONS)}, got {representation!r}")
         self.representation = representation
@@ -200,6 +201,7 @@ class DeNovoExperiment(Experiment):
         check_integer(e["grid"], "experiment.evaluation.grid", minimum=0)
         check_integer(e["batch_size"], "experiment.evaluation.batch_size", minimum=1)
         self.eval_cfg = e
+        self.eval_workers = resolve_workers(e["workers"], "experiment.evaluation.workers")
         self.cache_dir = cache_dir
         self.progress = bool(progress)
         self._data: Optional[DeNovoData] = None
@@ -266,8 +268,7 @@ class DeNovoExperiment(Experiment):
                              f"(skipped: {counts}); widen experiment.data.min_heavy / max_heavy / max_len")
         tokens, kept2, _ = codec.encode(smiles)
         assert len(kept2) == len(smiles)
-        workers = resolve_workers(d["workers"], "experiment.data.workers")
-        props = compute_properties(smiles, PROPERTY_NAMES, workers=workers)
+        props = compute_properties(smiles, PROPERTY_NAMES, workers=self.data_workers)
         record = {"smiles": smiles, "tokens": tokens, "codec": codec.to_dict(),
                   "props": {k: torch.from_numpy(v) for k, v in props.items()}, "skips": counts}
         atomic_torch_save(record, os.path.join(folder, "dataset.pt"))
@@ -429,8 +430,7 @@ class DeNovoExperiment(Experiment):
             return self.energy(data.props)
         space = self._space(run_dir)
         smiles = data.codec.decode_tokens(space["to_tokens"](space["x1"]))
-        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
-        return self.energy.from_smiles(smiles, workers=workers)[0]
+        return self.energy.from_smiles(smiles, workers=self.eval_workers)[0]
 
     def _meta(self, kind: str, beta: float) -> dict[str, Any]:
         return {"kind": kind, "beta": beta, "energy": self.energy.describe(), "sampler": self.sampler_cfg,
@@ -448,12 +448,11 @@ class DeNovoExperiment(Experiment):
         space = self._space(run_dir)
         stage = self.model_stage(run_dir, "iterative")
         it = self.iterative_cfg
-        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
 
         def score(x_np: np.ndarray) -> np.ndarray:
             smiles = data.codec.decode_tokens(space["to_tokens"](torch.from_numpy(x_np)))
-            return self.energy.from_smiles(smiles, workers=workers)[0]
+            return self.energy.from_smiles(smiles, workers=self.eval_workers)[0]
 
         def report(_net: Any, r: Any) -> dict:
             print(f"iterative round {r.round}: beta {r.beta:g}, fresh samples' mean energy {r.mean_energy:.3f} "
@@ -564,7 +563,6 @@ class DeNovoExperiment(Experiment):
         data = self.data(run_dir)
         beta = self.resolve_beta(data)
         n = int(self.eval_cfg["num_samples"])
-        workers = resolve_workers(self.eval_cfg["workers"], "experiment.evaluation.workers")
         device = resolve_device(self.trainer_cfg.get("device", "auto"))
         training = set(data.smiles)
         train_energy = self.energy(data.props)
@@ -577,7 +575,7 @@ class DeNovoExperiment(Experiment):
         space = self._space(run_dir)
         for kind, file in files.items():
             smiles, _, seconds = self.generate(file, space, data.codec, n, self.seed + 12345, sampler, device)
-            groups[kind] = (smiles, compute_properties(smiles, PROPERTY_NAMES, workers=workers), seconds / n)
+            groups[kind] = (smiles, compute_properties(smiles, PROPERTY_NAMES, workers=self.eval_workers), seconds / n)
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         rows = {}
         for name, (smiles, props, seconds) in groups.items():

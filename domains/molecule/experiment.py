@@ -147,6 +147,7 @@ class ConformerExperiment(Experiment):
              **check_mapping(reference, "experiment.reference", REFERENCE_KEYS)}
         check_integer(r["num_confs"], "experiment.reference.num_confs", minimum=2)
         self.reference_cfg = r
+        self.reference_workers = resolve_workers(r["workers"], "experiment.reference.workers")
         self.net_cfg = {"hidden": 64, "layers": 4, **check_mapping(net, "experiment.net", NET_KEYS)}
         self.trainer_cfg = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 50,
                             "ema_decay": 0.995, "log_every": 50, "progress": bool(progress),
@@ -170,6 +171,7 @@ class ConformerExperiment(Experiment):
         check_integer(e["samples_per_reference"], "experiment.evaluation.samples_per_reference", minimum=1)
         check_integer(e["relax_steps"], "experiment.evaluation.relax_steps", minimum=0)
         self.eval_cfg = e
+        self.eval_workers = resolve_workers(e["workers"], "experiment.evaluation.workers")
         self.cache_dir = cache_dir
         self.progress = bool(progress)
         self._data: Optional[ConformerData] = None
@@ -231,7 +233,7 @@ class ConformerExperiment(Experiment):
             ensembles, eskips = reference_ensembles(
                 mols, num_confs=int(r["num_confs"]), seed=int(r["seed"]), max_iters=int(r["max_iters"]),
                 cache_dir=os.path.join(os.path.dirname(folder), "conformers"),
-                workers=resolve_workers(r["workers"], "experiment.reference.workers"), progress=self.progress)
+                workers=self.reference_workers, progress=self.progress)
         counts = {**skips.as_dict(), **{k: v for k, v in eskips.as_dict().items() if v}}
         keep = [i for i, e in enumerate(ensembles) if e is not None and e.coords.shape[0] == int(r["num_confs"])]
         counts["few_conformers"] = sum(1 for e in ensembles if e is not None and e.coords.shape[0] != int(r["num_confs"]))
@@ -408,7 +410,7 @@ class ConformerExperiment(Experiment):
         ref_min = np.array([float(data.energies[i].min()) for i in idx])
         rows = {}
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        with EnergyPool(mols, workers=resolve_workers(e["workers"], "experiment.evaluation.workers"),
+        with EnergyPool(mols, workers=self.eval_workers,
                         relax_steps=int(e["relax_steps"])) as pool:
             for name, (confs, seconds) in generated.items():
                 covs, bonds = [], []
