@@ -126,9 +126,7 @@ def run_multirun(recipe: str, overrides: Sequence[str], sweep_dir: str,
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as err:  # Hydra's grammar errors
         raise InputError(f"cannot parse the sweep overrides {list(overrides)}: {err}") from None
-    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-    if not swept:
-        raise InputError("--multirun needs at least one swept key, e.g. experiment.betas=[1],[3] or seed=0,1,2")
+    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]  # none: a one-point sweep, as in Hydra
 
     @hydra.main(config_path=folder, config_name=os.path.splitext(name)[0], version_base=None)
     def task(cfg) -> None:

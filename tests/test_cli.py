@@ -214,3 +214,15 @@ def test_a_three_point_multirun_writes_three_runs_and_a_summary(tmp_path):
     assert [r["experiment.trainer.batch_size"] for r in rows] == ["32", "64", "128"]
     assert all(float(r["efm_ot/beta3/ratio"]) > 0 and 0 < float(r["efm_ot_beta3/ess_fraction"]) <= 1 for r in rows)
     assert (sweep / "summary.png").stat().st_size > 1000
+
+
+def test_a_multirun_without_a_swept_key_is_one_point(tmp_path):
+    import csv
+
+    recipe = os.path.join(ROOT, "recipes", "toy_8gaussians.yaml")
+    sweep = tmp_path / "sweep"
+    tiny = [a for a in TINY_DDP if not a.startswith("experiment.trainer.steps")] + ["experiment.trainer.steps=3"]
+    assert main(["run", recipe, "--multirun", *tiny, "--run-dir", str(sweep)]) == 0
+    assert (sweep / "0" / "results.json").exists() and not (sweep / "1").exists()
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 1 and float(rows[0]["efm_ot/beta3/ratio"]) > 0
