@@ -210,3 +210,19 @@ def test_efm_scores_decoded_or_data(tmp_path, smiles_file):
     assert decoded.model_stage(run_dir, "efm").key != exp.model_stage(run_dir, "efm").key
     with pytest.raises(InputError, match="efm_scores"):
         DeNovoExperiment(efm_scores="both")
+
+
+def test_the_autoencoder_key_covers_the_trainer_settings_it_trains_with(tmp_path, smiles_file):
+    """The autoencoder trains with the flow trainer's schedule, warm-up and EMA (and its own steps,
+    batch size and lr): changing any of those retrains it; the flow's own steps do not."""
+    from domains.molecule.denovo import DeNovoExperiment
+
+    def key(**trainer):
+        exp = DeNovoExperiment(dataset=str(smiles_file), data={"min_heavy": 2, "workers": 1}, vae={"steps": 30},
+                               trainer={"batch_size": 8, "progress": False, **trainer}, progress=False,
+                               cache_dir=str(tmp_path / "cache"))
+        return exp.vae_stage(str(tmp_path / "run")).key
+
+    base = key()
+    assert key(ema_decay=0.0) != base and key(lr_schedule="constant") != base and key(warmup_steps=0) != base
+    assert key(steps=7) == base and key(lr=0.5) == base and key(log_every=1) == base

@@ -294,10 +294,18 @@ class DeNovoExperiment(Experiment):
     def _trainer_key(self) -> dict[str, Any]:
         return {k: v for k, v in self.trainer_cfg.items() if k not in ("progress", "log_every", "device", "num_threads")}
 
+    def _vae_trainer_settings(self) -> dict[str, Any]:
+        """The trainer settings the autoencoder trains with: the flow's (its schedule, warm-up, EMA...)
+        with the ``vae`` block's steps, batch size, learning rate and clipping."""
+        v = self.vae_cfg
+        return {**self._trainer_key(), "steps": int(v["steps"]), "batch_size": int(v["batch_size"]),
+                "lr": float(v["lr"]), "grad_clip": float(v["grad_clip"]), "seed": self.seed}
+
     def vae_stage(self, run_dir: str) -> Stage:
-        """The autoencoder of ``representation: latent``, with the posterior means of the molecule set."""
-        return Stage("denovo-vae", {"vae": self.vae_cfg, "seed": self.seed, "format": 1}, self._root(run_dir),
-                     upstream=[self.data_stage(run_dir)])
+        """The autoencoder of ``representation: latent``, with the posterior means of the molecule set.
+        Keyed by the architecture, KL weight and every trainer setting it trains with."""
+        return Stage("denovo-vae", {"vae": self.vae_cfg, "trainer": self._vae_trainer_settings(), "format": 2},
+                     self._root(run_dir), upstream=[self.data_stage(run_dir)])
 
     def train_vae(self, run_dir: str) -> Stage:
         """Train (or reuse) the autoencoder: ``vae.pt`` (a model file) and ``latents.pt`` (``mu`` ``[N, latent]``
@@ -315,9 +323,7 @@ class DeNovoExperiment(Experiment):
             torch.manual_seed(self.seed)
             net = SelfiesVAE(len(data.codec), data.codec.max_len, embed=int(v["embed"]), hidden=int(v["hidden"]),
                              latent=int(v["latent"]))
-            config = TrainerConfig.from_dict({**self.trainer_cfg, "steps": int(v["steps"]), "batch_size": int(v["batch_size"]),
-                                              "lr": float(v["lr"]), "grad_clip": float(v["grad_clip"]), "seed": self.seed},
-                                             "experiment.vae")
+            config = TrainerConfig.from_dict({**self.trainer_cfg, **self._vae_trainer_settings()}, "experiment.vae")
             summary = fit_and_save(net, VAEObjective(int(v["latent"]), float(v["kl_weight"])),
                                    TensorBatchSource({"x1": data.tokens}), config, os.path.join(folder, "train"),
                                    os.path.join(folder, "vae.pt"), meta={"codec": data.codec.to_dict()}, name="vae")
